@@ -1,0 +1,44 @@
+"""User-facing errors: one clear line on stderr and a non-zero exit, never a traceback.
+
+Internal bugs are *not* XrayError and keep their traceback; that is how the two are told apart.
+"""
+from __future__ import annotations
+
+import functools
+import sys
+
+EXIT_OK = 0
+EXIT_FAILURE = 1  # the work ran but some inputs failed (e.g. xray-infer on a folder with bad files)
+EXIT_USAGE = 2  # bad input: missing path, wrong model, inconsistent data; nothing useful was done
+
+
+class XrayError(Exception):
+    """An error the user can fix; the message is the whole story."""
+
+    exit_code = EXIT_USAGE
+
+    def __init__(self, message: str, exit_code: int | None = None):
+        super().__init__(message)
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+
+class ImageError(XrayError):
+    """An image that cannot be used: unreadable, corrupt, not an image, too large."""
+
+
+def exit_on_user_error(func):
+    """Wrap a CLI entry point: XrayError -> 'error: <message>' on stderr and its exit code."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except XrayError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(e.exit_code)
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            sys.exit(130)
+
+    return wrapper
