@@ -1,1 +1,1 @@
-"""placeholder"""
+"""ONNX export, int8 quantization and verification (xray-export)."""

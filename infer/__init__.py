@@ -1,1 +1,1 @@
-"""placeholder"""
+"""Torch-free edge inference (xray-infer)."""

@@ -1,1 +1,1 @@
-"""placeholder"""
+"""Training: datasets, model registry, the two-phase loop (see the trainer issue)."""

@@ -1,0 +1,57 @@
+"""Packaging: one `xray` import package, the edge wheel works in a venv without torch."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import venv
+import zipfile
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+EDGE_WHEELS = Path(sys.prefix) / "edge-wheels"  # filled by `make install` (pip download), keeps this offline
+
+
+def test_editable_install_maps_folders_under_xray():
+    import xray.common
+    import xray.export
+    import xray.infer
+    import xray.train
+
+    for mod, folder in ((xray.common, "common"), (xray.train, "train"), (xray.export, "export"), (xray.infer, "infer")):
+        assert Path(mod.__file__).resolve().parent == ROOT / folder
+    # `python -m pytest` puts the repo root on sys.path, so check from elsewhere that nothing bare is importable
+    for bare in ("common", "train", "export", "infer"):
+        proc = subprocess.run([sys.executable, "-c", f"import {bare}"], capture_output=True, cwd="/")
+        assert proc.returncode != 0, f"a bare `{bare}` module is importable"
+
+
+@pytest.mark.slow
+def test_edge_wheel_imports_without_torch(tmp_path):
+    assert EDGE_WHEELS.is_dir(), "run `make install` first: it downloads the edge wheels this test installs offline"
+    dist = tmp_path / "dist"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                    "-w", str(dist), str(ROOT)], check=True)
+    wheel = next(dist.glob("xray_edge-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {n.split("/")[0] for n in names if not n.startswith("xray_edge-")}
+    assert top == {"xray"}, f"only the xray package may land in site-packages, got {top}"
+    assert "xray/common/preprocess.py" in names and "xray/infer/cli.py" in names
+
+    env_dir = tmp_path / "edge-venv"
+    venv.EnvBuilder(with_pip=True).create(env_dir)
+    py = env_dir / "bin" / "python"
+    pip = [str(py), "-m", "pip", "install", "--quiet", "--no-index", "--find-links", str(EDGE_WHEELS)]
+    subprocess.run(pip + ["onnxruntime", "numpy", "pillow", "click"], check=True)
+    subprocess.run(pip + ["--no-deps", str(wheel)], check=True)
+    probe = ("import sys, importlib.util\n"
+             "assert importlib.util.find_spec('torch') is None, 'torch must not be in the edge venv'\n"
+             "import xray.common.preprocess, xray.common.imageio, xray.common.metrics, xray.infer, xray.infer.cli\n"
+             "import onnxruntime\n"
+             "assert 'torch' not in sys.modules\n"
+             "print('edge ok')\n")
+    out = subprocess.run([str(py), "-c", probe], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0 and "edge ok" in out.stdout, out.stderr
+    cli = subprocess.run([str(env_dir / "bin" / "xray-infer"), "--help"], capture_output=True, text=True)
+    assert cli.returncode == 0 and "Usage" in cli.stdout
