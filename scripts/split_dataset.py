@@ -87,6 +87,27 @@ def build_groups(records, pattern):
         del r["_g"]
 
 
+def dhash(path: Path) -> np.ndarray:
+    """256-bit difference hash (16x16 gradient signs) as 32 bytes. Survives re-encoding and resizing;
+    8x8 hashes are too coarse for chest films, which all look alike at that scale."""
+    small = np.asarray(load_image(path, draft_size=64).resize((17, 16), pil_filter("bilinear")), dtype=np.int16)
+    return np.packbits((small[:, 1:] > small[:, :-1]).ravel())
+
+
+def merge_near_duplicates(records, raw: Path, max_bits: int) -> int:
+    """Put images whose dHashes differ in <= max_bits of 256 bits into one group; returns pairs found."""
+    hashes = np.stack([dhash(raw / r["raw_path"]) for r in _progress(records, len(records), "near-dup")])
+    uf, pairs = _UnionFind(), 0
+    for i in range(len(records) - 1):
+        dist = np.unpackbits(hashes[i + 1:] ^ hashes[i], axis=1).sum(axis=1)
+        for j in np.nonzero(dist <= max_bits)[0] + i + 1:
+            uf.union(records[i]["group"], records[j]["group"])
+            pairs += 1
+    for r in records:
+        r["group"] = uf.find(r["group"])
+    return pairs
+
+
 def targets(counts: np.ndarray, fractions) -> np.ndarray:
     """Per (split, class) target counts: largest-remainder rounding so each class sums exactly."""
     exact = np.outer(fractions, counts)
@@ -166,8 +187,11 @@ def _progress(it, total, desc):
 @click.option("--prepare-size", type=click.IntRange(16, 4096), default=None,
               help="Also write PNG copies with shorter side N to OUT/resized_N/{train,val,test}/ "
                    "(train from these to avoid decoding multi-megapixel originals every epoch).")
+@click.option("--near-dup-bits", type=click.IntRange(0, 256), default=None,
+              help="Also keep near-duplicates together: images whose 256-bit dHash differs in at most N bits "
+                   "(about 4 catches re-encoded or resized copies; off by default).")
 @exit_on_user_error
-def main(raw_dir, out_dir, val_frac, test_frac, seed, group_regex, copy_files, prepare_size):
+def main(raw_dir, out_dir, val_frac, test_frac, seed, group_regex, copy_files, prepare_size, near_dup_bits):
     """Stratified, patient-grouped, seeded train/val/test split of RAW into OUT."""
     if val_frac + test_frac >= 1:
         raise XrayError("--val + --test must leave something to train on (sum < 1)")
@@ -193,6 +217,8 @@ def main(raw_dir, out_dir, val_frac, test_frac, seed, group_regex, copy_files, p
         records.append({"raw_path": rel, "class": cls, "sha256": sha256_file(p), "width": w, "height": h,
                         "source": source_of.get(rel, "raw")})
     build_groups(records, pattern)
+    if near_dup_bits is not None:
+        print(f"near-duplicate pairs kept together: {merge_near_duplicates(records, raw, near_dup_bits)}")
     fractions = np.array([1 - val_frac - test_frac, val_frac, test_frac])
     tgt, cur = assign(records, classes, fractions, seed)
     for si, split in enumerate(SPLITS):

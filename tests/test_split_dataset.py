@@ -10,6 +10,7 @@ from conftest import run_script
 from PIL import Image
 
 from xray.common.artifacts import MANIFEST_COLUMNS, read_csv, sha256_file
+from xray.common.imageio import load_image
 
 FRACTIONS = {"train": 0.7, "val": 0.15, "test": 0.15}
 
@@ -122,3 +123,16 @@ def test_errors(tmp_path, synthetic_raw):
     fails("--raw", tiny, "--out", tmp_path / "o", message="class PNEUMONIA has no images in")
     (tiny / "EMPTY").mkdir()
     fails("--raw", tiny, "--out", tmp_path / "o", message="has no images")
+
+
+def test_near_duplicates_are_kept_together(tmp_path, synthetic_raw):
+    raw = tmp_path / "raw"
+    shutil.copytree(synthetic_raw, raw)
+    src = sorted((raw / "TUBERCULOSIS").glob("*.png"))[0]
+    im = load_image(src)  # a re-encoded, resized copy filed as another patient
+    im.resize((im.width * 3 // 4, im.height * 3 // 4)).save(raw / "TUBERCULOSIS" / "person9999_tb_9999.jpeg", quality=85)
+    proc = run_script("split_dataset", "--raw", raw, "--out", tmp_path / "o", "--near-dup-bits", 4)
+    assert "near-duplicate pairs kept together" in proc.stdout
+    rows = {r["path"].split("/")[-1]: r for r in read_csv(tmp_path / "o" / "manifest.csv")}
+    assert rows["person9999_tb_9999.jpeg"]["group"] == rows[src.name]["group"]
+    assert rows["person9999_tb_9999.jpeg"]["split"] == rows[src.name]["split"]
