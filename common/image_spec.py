@@ -71,13 +71,15 @@ class ImageSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ImageSpec":
+        if not isinstance(d, dict):
+            raise XrayError(f"bad image spec: expected an object, got {type(d).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
             raise XrayError(f"bad image spec: unknown fields {sorted(unknown)}")
         try:
             return cls(**d)
-        except TypeError as e:
+        except (TypeError, ValueError) as e:
             raise XrayError(f"bad image spec: {e}") from None
 
     @classmethod

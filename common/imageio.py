@@ -108,10 +108,13 @@ def _load_pil(data: bytes, label: str, max_pixels: int, draft_size: int | None) 
 
 def to_gray8(img: Image.Image) -> Image.Image:
     """Any PIL mode -> 8-bit grayscale. >8-bit data is stretched from its own min..max to 0..255
-    (radiograph exports rarely fill the 16-bit range); transparency is flattened onto black."""
+    (radiograph exports rarely fill the 16-bit range); alpha channels and palette transparency are
+    flattened onto black (a transparency key on a gray image is ignored)."""
     mode = img.mode
     if mode == "L":
         return img
+    if mode.startswith("I") or mode == "F":
+        return stretch_to_gray8(np.asarray(img))
     if mode in ("1", "P") and "transparency" not in img.info:
         return img.convert("L")
     if mode in ("P", "PA", "LA", "RGBA", "La", "RGBa") or "transparency" in img.info:
@@ -120,8 +123,6 @@ def to_gray8(img: Image.Image) -> Image.Image:
         return Image.alpha_composite(black, rgba).convert("L")
     if mode in ("RGB", "CMYK", "YCbCr", "LAB", "HSV", "RGBX"):
         return img.convert("RGB").convert("L")
-    if mode.startswith("I") or mode == "F":
-        return stretch_to_gray8(np.asarray(img))
     return img.convert("L")
 
 
