@@ -22,13 +22,12 @@ class SimulatedCrash(RuntimeError):
     pass
 
 
-def train_one_epoch(accelerator, model, loader, optimizer, scheduler, criterion, *, phase, epoch, seed,
-                    clip_grad, state, on_step=None, progress=None):
-    """Train for one epoch (or what is left of it); returns (mean loss, accuracy, images seen)."""
+def train_one_epoch(accelerator, model, loader, optimizer, scheduler, criterion, *, phase, seed,
+                    clip_grad, state, sums, on_step=None, progress=None):
+    """Train for one epoch (or what is left of it after a resume); returns the epoch's (mean loss,
+    accuracy, images) over all ranks. `sums` (loss sum, correct, seen on this rank) is updated in place
+    so a mid-epoch checkpoint can carry it over."""
     frozen = phase == "A"
-    loss_sum = torch.zeros((), dtype=torch.float64)
-    correct = torch.zeros((), dtype=torch.float64)
-    seen = torch.zeros((), dtype=torch.float64)
     for x, y in loader:
         # dropout masks depend on (seed, step, rank) only, so a resumed run repeats them exactly
         torch.manual_seed(seed * 1_000_003 + state["global_step"] * 101 + accelerator.process_index)
@@ -42,9 +41,8 @@ def train_one_epoch(accelerator, model, loader, optimizer, scheduler, criterion,
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
         n = y.shape[0]
-        loss_sum += loss.detach().double() * n
-        correct += (logits.detach().argmax(1) == y).sum().double()
-        seen += n
+        sums += torch.stack([loss.detach().double().cpu() * n, (logits.detach().argmax(1) == y).sum().double().cpu(),
+                             torch.tensor(float(n), dtype=torch.float64)])
         state["step_in_epoch"] += 1
         if accelerator.sync_gradients:
             state["global_step"] += 1
@@ -55,7 +53,7 @@ def train_one_epoch(accelerator, model, loader, optimizer, scheduler, criterion,
             on_step()
         if _FAIL_AFTER_STEPS and state["global_step"] >= _FAIL_AFTER_STEPS:
             raise SimulatedCrash(f"simulated crash after {state['global_step']} steps (XRAY_TEST_FAIL_AFTER_STEPS)")
-    totals = accelerator.reduce(torch.stack([loss_sum, correct, seen]).to(accelerator.device), "sum").cpu()
+    totals = accelerator.reduce(sums.clone().to(accelerator.device), "sum").cpu()
     seen_all = max(float(totals[2]), 1.0)
     return float(totals[0]) / seen_all, float(totals[1]) / seen_all, int(totals[2])
 

@@ -81,6 +81,7 @@ class Run:
         self.unfreeze = cfg["unfreeze_blocks"] if cfg["unfreeze_blocks"] is not None else self.model_def.unfreeze_blocks
         self.state = state or {"phase_index": 0, "epoch": 0, "step_in_epoch": 0, "global_step": 0,
                                "best": {}, "bad_epochs": 0, "history": []}
+        self.live_sums = None  # this rank's (loss sum, correct, seen) of the epoch in progress
         self.weights = class_weights(self.train_samples, len(self.classes)) if cfg["class_weights"] else None
 
     # ---- data -------------------------------------------------------------------------------
@@ -102,6 +103,10 @@ class Run:
         tmp, last, old = self.run_dir / "last.tmp", self.run_dir / "last", self.run_dir / "last.old"
         if self.main:
             shutil.rmtree(tmp, ignore_errors=True)
+        partial = None
+        if self.live_sums is not None and self.state["step_in_epoch"]:
+            partial = self.acc.reduce(self.live_sums.clone().to(self.acc.device), "sum").cpu().tolist()
+        self.state["partial_sums"] = partial
         self.acc.wait_for_everyone()
         self.acc.save_state(str(tmp))
         if self.main:
@@ -183,10 +188,13 @@ class Run:
             bar = tqdm(total=len(train_loader), initial=skip, desc=f"phase {phase} epoch {epoch + 1}/{p['epochs']}",
                        unit="batch", disable=True if not acc.is_local_main_process else None, leave=False)
             timer = Throughput()
+            carried = self.state.get("partial_sums") if skip else None  # totals before a mid-epoch resume
+            self.live_sums = torch.tensor(carried if carried and self.main else [0.0, 0.0, 0.0], dtype=torch.float64)
             tr_loss, tr_acc, seen = train_one_epoch(acc, model, loader, optimizer, scheduler, criterion, phase=phase,
-                                                    epoch=epoch, seed=cfg["seed"], clip_grad=cfg["clip_grad"],
-                                                    state=self.state, on_step=on_step, progress=bar)
-            seconds, ips = timer.rate(seen)
+                                                    seed=cfg["seed"], clip_grad=cfg["clip_grad"], state=self.state,
+                                                    sums=self.live_sums, on_step=on_step, progress=bar)
+            self.live_sums = None
+            seconds, ips = timer.rate(seen - (int(carried[2]) if carried else 0))
             bar.close()
             val, _, _ = evaluate(acc, model, val_loader, self.classes)
             lrs = {g.get("name", ""): g["lr"] for g in optimizer.param_groups}
@@ -233,6 +241,7 @@ class Run:
         metrics, probs, labels = evaluate(self.acc, model, test_loader, self.classes)
         if self.main:
             metrics = test_metrics(metrics, probs, labels, self.classes)
+            metrics["world_size"] = self.acc.num_processes
             checkpoint = {k: meta[k] for k in ("model_name", "phase", "epoch")} | {"path": str(best)}
             text = write_metrics(self.run_dir, metrics, checkpoint)
             save_plots(self.run_dir, self.state["history"], metrics)
