@@ -225,3 +225,19 @@ def test_bad_input_is_one_clear_line(data, tmp_path, lite0_run):
     fails("--data-dir", data, "--output-dir", run.parent, "--run-name", run.name, message="already holds a run")
     fails("--data-dir", data, *out, "--model", "resnet18", "--phases", "B", "--init", run / "best.safetensors",
           "--run-name", "x", message="checkpoint is efficientnet_lite0")
+
+
+def test_cached_features_train_the_same_head(data, tmp_path):
+    """Phase A on stored backbone features gives the same epochs as phase A through the backbone."""
+    args = ["--data-dir", data, "--output-dir", tmp_path, "--phases", "A", "--epochs-a", 2, "--no-augment",
+            "--patience", 0]
+    train(*args, "--run-name", "plain")
+    proc = train(*args, "--run-name", "cached", "--cache-features")
+    assert "cached (" in proc.stdout
+    keys = ("train_loss", "train_accuracy", "val_loss", "val_macro_f1")
+    plain, cached = read_csv(tmp_path / "plain" / "history.csv"), read_csv(tmp_path / "cached" / "history.csv")
+    for a, b in zip(plain, cached):
+        for k in keys:
+            assert float(a[k]) == pytest.approx(float(b[k]), abs=1e-5), k
+    bad = train("--data-dir", data, "--output-dir", tmp_path, "--run-name", "x", "--cache-features", check=False)
+    assert bad.returncode == 2 and "--cache-features needs --no-augment" in bad.stderr

@@ -22,17 +22,16 @@ class SimulatedCrash(RuntimeError):
     pass
 
 
-def train_one_epoch(accelerator, model, loader, optimizer, scheduler, criterion, *, phase, seed,
+def train_one_epoch(accelerator, model, loader, optimizer, scheduler, criterion, *, mode, seed,
                     clip_grad, state, sums, on_step=None, progress=None):
     """Train for one epoch (or what is left of it after a resume); returns the epoch's (mean loss,
     accuracy, images) over all ranks. `sums` (loss sum, correct, seen on this rank) is updated in place
-    so a mid-epoch checkpoint can carry it over."""
-    frozen = phase == "A"
+    so a mid-epoch checkpoint can carry it over. `mode` goes to Classifier.forward."""
     for x, y in loader:
         # dropout masks depend on (seed, step, rank) only, so a resumed run repeats them exactly
         torch.manual_seed(seed * 1_000_003 + state["global_step"] * 101 + accelerator.process_index)
         with accelerator.accumulate(model):
-            logits = model(x, frozen_backbone=frozen)
+            logits = model(x, mode=mode)
             loss = criterion(logits, y)
             accelerator.backward(loss)
             if accelerator.sync_gradients and clip_grad:
@@ -56,6 +55,18 @@ def train_one_epoch(accelerator, model, loader, optimizer, scheduler, criterion,
     totals = accelerator.reduce(sums.clone().to(accelerator.device), "sum").cpu()
     seen_all = max(float(totals[2]), 1.0)
     return float(totals[0]) / seen_all, float(totals[1]) / seen_all, int(totals[2])
+
+
+@torch.no_grad()
+def extract_features(accelerator, backbone, loader) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backbone features of a whole (unshuffled, sharded) split, gathered in order on every rank."""
+    backbone.eval()
+    feats, labels = [], []
+    for x, y in loader:
+        f, y = accelerator.gather_for_metrics((backbone(x), y))
+        feats.append(f.cpu())
+        labels.append(y.cpu())
+    return torch.cat(feats), torch.cat(labels)
 
 
 @torch.no_grad()

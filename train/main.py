@@ -22,14 +22,14 @@ import click
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, set_seed
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from xray.common.errors import XrayError, exit_on_user_error
 from xray.train.augment import AugmentConfig
 from xray.train.checkpoint import load_weights_into, read_sidecar, save_checkpoint
 from xray.train.data import XrayDataset, class_weights, scan_split
-from xray.train.loop import Throughput, evaluate, train_one_epoch
+from xray.train.loop import Throughput, evaluate, extract_features, train_one_epoch
 from xray.train.models import REGISTRY, build_model, get_model_def
 from xray.train.phases import param_groups, set_train_mode, set_trainable, warmup_cosine
 from xray.train.report import save_plots, test_metrics, write_history, write_metrics
@@ -172,6 +172,10 @@ class Run:
         else:
             self.state.update(epoch=0, step_in_epoch=0, bad_epochs=0)
         raw_model = acc.unwrap_model(model)
+        mode = "frozen" if phase == "A" else "full"
+        if phase == "A" and cfg["cache_features"]:
+            train_ds, train_loader = self.cached_feature_loader(raw_model)
+            mode = "features"
         checkpoint_every = cfg["checkpoint_every"]
 
         def on_step():
@@ -181,7 +185,8 @@ class Run:
         while self.state["epoch"] < p["epochs"]:
             epoch = self.state["epoch"]
             train_loader.set_epoch(epoch)
-            train_ds.set_epoch(epoch)
+            if hasattr(train_ds, "set_epoch"):
+                train_ds.set_epoch(epoch)
             skip = self.state["step_in_epoch"]
             loader = acc.skip_first_batches(train_loader, skip) if skip else train_loader
             set_train_mode(raw_model, unfrozen)
@@ -190,7 +195,7 @@ class Run:
             timer = Throughput()
             carried = self.state.get("partial_sums") if skip else None  # totals before a mid-epoch resume
             self.live_sums = torch.tensor(carried if carried and self.main else [0.0, 0.0, 0.0], dtype=torch.float64)
-            tr_loss, tr_acc, seen = train_one_epoch(acc, model, loader, optimizer, scheduler, criterion, phase=phase,
+            tr_loss, tr_acc, seen = train_one_epoch(acc, model, loader, optimizer, scheduler, criterion, mode=mode,
                                                     seed=cfg["seed"], clip_grad=cfg["clip_grad"], state=self.state,
                                                     sums=self.live_sums, on_step=on_step, progress=bar)
             self.live_sums = None
@@ -230,6 +235,19 @@ class Run:
                 write_history(self.run_dir, self.state["history"])
             self.save_last()
         acc.free_memory()
+
+    def cached_feature_loader(self, raw_model):
+        """Phase A with --cache-features: the frozen backbone runs once over the (unaugmented) train
+        split; the epochs then train the head on the stored features."""
+        _, plain = self.loader(self.train_samples, train=False)
+        timer = Throughput()
+        feats, labels = extract_features(self.acc, raw_model.backbone, self.acc.prepare(plain))
+        seconds, ips = timer.rate(len(labels))
+        self.print(f"phase A: cached {tuple(feats.shape)} backbone features in {seconds:.1f} s ({ips:.1f} img/s)")
+        ds = TensorDataset(feats, labels)
+        loader = DataLoader(ds, batch_size=self.cfg["batch_size"], shuffle=True,
+                            generator=torch.Generator().manual_seed(self.cfg["seed"]))
+        return ds, self.acc.prepare(loader)
 
     def final_test(self):
         model = build_model(self.cfg["model"], len(self.classes), pretrained=False)
@@ -280,6 +298,8 @@ def phase_options(f):
 @click.option("--label-smoothing", default=0.0, show_default=True, type=click.FloatRange(0, 1))
 @click.option("--no-class-weights", is_flag=True, help="Plain cross-entropy instead of inverse-frequency weights.")
 @click.option("--no-augment", is_flag=True)
+@click.option("--cache-features", is_flag=True,
+              help="Phase A: run the frozen backbone once and train the head on stored features (needs --no-augment).")
 @click.option("--hflip", is_flag=True, help="Add horizontal flips (off by default: anatomy is not symmetric).")
 @click.option("--patience", default=3, show_default=True, type=click.IntRange(0), help="Early stopping (0: off).")
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(0))
@@ -304,6 +324,8 @@ def config_from_options(o) -> dict:
     if not phases or any(p not in ("A", "B") for p in phases) or phases != sorted(set(phases)):
         raise XrayError(f"--phases must be A, B or A,B; got {o['phases']!r}")
     model_def = get_model_def(o["model_name"])
+    if o["cache_features"] and not o["no_augment"]:
+        raise XrayError("--cache-features needs --no-augment (augmented images differ every epoch)")
     if not model_def.pretrained_available and "A" in phases:
         raise XrayError(f"{o['model_name']} has no pretrained backbone to freeze: use --phases B "
                         "(with --unfreeze-blocks all for a from-scratch run)")
@@ -316,6 +338,7 @@ def config_from_options(o) -> dict:
             "batch_size": o["batch_size"], "grad_accum": o["grad_accum"], "clip_grad": o["clip_grad"],
             "warmup_frac": o["warmup_frac"], "label_smoothing": o["label_smoothing"],
             "class_weights": not o["no_class_weights"], "augment": not o["no_augment"], "hflip": o["hflip"],
+            "cache_features": o["cache_features"],
             "patience": o["patience"], "workers": o["workers"], "seed": o["seed"],
             "checkpoint_every": o["checkpoint_every"]}
 

@@ -30,10 +30,12 @@ class Classifier(nn.Module):
     def blocks(self) -> list[list[nn.Module]]:
         return self._blocks
 
-    def forward(self, x, frozen_backbone: bool = False):
-        """frozen_backbone=True (phase A): no autograd graph through the backbone, so its backward
-        pass is never paid for."""
-        if frozen_backbone:
+    def forward(self, x, mode: str = "full"):
+        """mode "frozen" (phase A): no autograd graph through the backbone, so its backward pass is
+        never paid for; "features": x already holds backbone features (phase A, --cache-features)."""
+        if mode == "features":
+            return self.head(x)
+        if mode == "frozen":
             with torch.no_grad():
                 features = self.backbone(x)
             return self.head(features)
