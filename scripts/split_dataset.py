@@ -23,7 +23,6 @@ import numpy as np
 from xray.common.artifacts import MANIFEST_COLUMNS, SOURCES_FILE, read_csv, sha256_file, write_csv_atomic
 from xray.common.classes import check_classes
 from xray.common.errors import ImageError, XrayError, exit_on_user_error
-from xray.common.image_spec import ImageSpec
 from xray.common.imageio import image_size, is_supported, load_image
 from xray.common.preprocess import pil_filter
 

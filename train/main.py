@@ -31,6 +31,7 @@ from xray.train.checkpoint import load_weights_into, read_sidecar, save_checkpoi
 from xray.train.data import XrayDataset, class_weights, scan_split
 from xray.train.loop import Throughput, evaluate, extract_features, train_one_epoch
 from xray.train.models import REGISTRY, build_model, get_model_def
+from xray.train.perf import tune_malloc
 from xray.train.phases import param_groups, set_train_mode, set_trainable, warmup_cosine
 from xray.train.report import save_plots, test_metrics, write_history, write_metrics
 
@@ -312,6 +313,7 @@ def phase_options(f):
 @exit_on_user_error
 def main(**o):
     """Two-phase transfer learning (frozen backbone, then partial unfreeze)."""
+    tune_malloc()
     acc = make_accelerator(o["grad_accum"])
     try:
         train(acc, o)
