@@ -241,3 +241,17 @@ def test_cached_features_train_the_same_head(data, tmp_path):
             assert float(a[k]) == pytest.approx(float(b[k]), abs=1e-5), k
     bad = train("--data-dir", data, "--output-dir", tmp_path, "--run-name", "x", "--cache-features", check=False)
     assert bad.returncode == 2 and "--cache-features needs --no-augment" in bad.stderr
+
+
+def test_tensorboard_tracker_logs_each_epoch(data, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train("--data-dir", data, "--output-dir", tmp_path, "--run-name", "tb", "--phases", "A", "--epochs-a", 2,
+          "--report-to", "tensorboard")
+    events = EventAccumulator(str(tmp_path / "tb" / "tensorboard"))
+    events.Reload()
+    scalars = events.Tags()["scalars"]
+    assert "A/val_macro_f1" in scalars and "A/train_loss" in scalars
+    history = read_csv(tmp_path / "tb" / "history.csv")
+    logged = [e.value for e in events.Scalars("A/val_macro_f1")]
+    assert logged == pytest.approx([float(r["val_macro_f1"]) for r in history], abs=1e-6)

@@ -21,7 +21,7 @@ from pathlib import Path
 import click
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, set_seed
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, broadcast_object_list, set_seed
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
@@ -52,10 +52,12 @@ def parse_unfreeze(value: str):
     return n
 
 
-def make_accelerator(grad_accum: int) -> Accelerator:
+def make_accelerator(grad_accum: int, report_to: str, output_dir: str) -> Accelerator:
     # Without cpu=True on a GPU-less box, `--multi_gpu` ranks would not form a gloo group.
     acc = Accelerator(cpu=not torch.cuda.is_available(), gradient_accumulation_steps=grad_accum,
-                      dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+                      dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+                      log_with=None if report_to == "none" else report_to,
+                      project_config=ProjectConfiguration(project_dir=output_dir))
     if acc.device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // acc.num_processes))
     return acc
@@ -234,6 +236,8 @@ class Run:
                 self.print(f"phase {phase}: early stop, no val macro-F1 gain for {cfg['patience']} epochs")
             if self.main:
                 write_history(self.run_dir, self.state["history"])
+            acc.log({f"{phase}/{k}": v for k, v in row.items() if isinstance(v, (int, float))},
+                    step=len(self.state["history"]))
             self.save_last()
         acc.free_memory()
 
@@ -309,12 +313,14 @@ def phase_options(f):
 @click.option("--run-name", default=None, help="Default: <model>-<timestamp>.")
 @click.option("--checkpoint-every", default=0, show_default=True, type=click.IntRange(0),
               help="Also save last/ every N optimizer steps (0: each epoch only).")
+@click.option("--report-to", default="none", show_default=True, type=click.Choice(["none", "tensorboard"]),
+              help="Also log epochs through accelerate's trackers (tensorboard: runs/<run>/tensorboard).")
 @click.option("--resume", "resume_dir", default=None, help="Continue the interrupted run in this folder.")
 @exit_on_user_error
 def main(**o):
     """Two-phase transfer learning (frozen backbone, then partial unfreeze)."""
     tune_malloc()
-    acc = make_accelerator(o["grad_accum"])
+    acc = make_accelerator(o["grad_accum"], o["report_to"], o["output_dir"])
     try:
         train(acc, o)
     finally:
@@ -370,6 +376,10 @@ def train(acc: Accelerator, o: dict):
         run.print(f"run {run_dir}: {cfg['model']}, classes {run.classes}, {len(run.train_samples)} train / "
                   f"{len(run.val_samples)} val / {len(run.test_samples)} test images, {acc.num_processes} process(es) "
                   f"on {acc.device.type}")
+    if o["report_to"] != "none":
+        acc.project_configuration.logging_dir = str(run_dir)
+        flat = {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in cfg.items()}
+        acc.init_trackers("tensorboard", config=flat)
     acc.wait_for_everyone()
     started = time.perf_counter()
     resume_index = run.state["phase_index"] if state else None  # the phase last/ was saved in
