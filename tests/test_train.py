@@ -255,3 +255,14 @@ def test_tensorboard_tracker_logs_each_epoch(data, tmp_path):
     history = read_csv(tmp_path / "tb" / "history.csv")
     logged = [e.value for e in events.Scalars("A/val_macro_f1")]
     assert logged == pytest.approx([float(r["val_macro_f1"]) for r in history], abs=1e-6)
+
+
+def test_early_stopping_and_gradient_accumulation(data, tmp_path):
+    """lr 0 never improves val after epoch 1, so patience 1 stops phase A after epoch 2 of 5; with
+    --grad-accum 2 an epoch of 4 batches is 2 optimizer steps."""
+    proc = train("--data-dir", data, "--output-dir", tmp_path, "--run-name", "es", "--phases", "A", "--epochs-a", 5,
+                 "--lr-a", 0, "--patience", 1, "--grad-accum", 2)
+    assert "early stop" in proc.stdout
+    assert [r["epoch"] for r in read_csv(tmp_path / "es" / "history.csv")] == ["1", "2"]
+    state = json.loads((tmp_path / "es" / "last" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2 * 2
