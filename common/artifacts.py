@@ -12,6 +12,8 @@ from pathlib import Path
 MANIFEST_COLUMNS = ("path", "class", "split", "group", "sha256", "width", "height", "source")
 SOURCES_FILE = "sources.csv"  # in data/raw: provenance of every ingested image
 SOURCES_COLUMNS = ("path", "sha256", "source", "original")
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -33,6 +35,7 @@ def atomic_path(path: str | Path):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; the result should look like any other file
     try:
         yield Path(tmp)
         os.replace(tmp, path)

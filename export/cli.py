@@ -1,11 +1,56 @@
-"""xray-export: not built yet; its issue delivers the real command."""
+"""xray-export: best checkpoint -> verified fp32 and int8 ONNX models with a report.
+
+Exit codes: 0 exported and verified; 1 the int8 model failed the gate (fp32 kept, int8 written as
+model.int8.rejected.onnx) or fp32 parity failed; 2 bad input.
+"""
+from __future__ import annotations
+
+import os
 import sys
+from datetime import datetime, timezone
+from pathlib import Path
 
 import click
 
+from xray.common.errors import EXIT_FAILURE, XrayError, exit_on_user_error
+
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-def main():
-    """xray-export (not built yet)."""
-    print("xray-export: not built yet (see the export issue)", file=sys.stderr)
-    sys.exit(2)
+@click.argument("run_dir", required=False, type=click.Path(file_okay=False))
+@click.option("--checkpoint", type=click.Path(dir_okay=False), help="A .safetensors checkpoint (default: RUN_DIR/best.safetensors).")
+@click.option("--output-dir", type=click.Path(file_okay=False), help="Default: <run>/export.")
+@click.option("--data-dir", help="Split folder (default: the data_dir the checkpoint was trained on).")
+@click.option("--eval-split", default="test", show_default=True, help="test, val, or a folder of class folders.")
+@click.option("--calibration-images", default=300, show_default=True, type=click.IntRange(1))
+@click.option("--calibration-method", default="minmax", show_default=True, type=click.Choice(["minmax", "entropy", "percentile"]))
+@click.option("--calibration-dir", type=click.Path(file_okay=False), help="Calibrate on this class-folder split instead of <data>/train.")
+@click.option("--max-accuracy-drop", default=1.0, show_default=True, type=float, help="Points of accuracy int8 may lose.")
+@click.option("--min-agreement", default=0.98, show_default=True, type=click.FloatRange(0, 1))
+@click.option("--allow-drop", is_flag=True, help="Keep an int8 model that fails the gate (loud warning in the report).")
+@click.option("--parity-tolerance", default=1e-3, show_default=True, type=float, help="Max |logit| difference PyTorch vs fp32 ONNX.")
+@click.option("--threads", default=os.cpu_count() or 1, show_default=True, type=click.IntRange(1))
+@click.option("--latency-runs", default=30, show_default=True, type=click.IntRange(1))
+@exit_on_user_error
+def main(run_dir, checkpoint, output_dir, data_dir, eval_split, calibration_images, calibration_method, calibration_dir,
+         max_accuracy_drop, min_agreement, allow_drop, parity_tolerance, threads, latency_runs):
+    """Export the best checkpoint of RUN_DIR to ONNX fp32 + int8 and verify both against PyTorch."""
+    from .pipeline import ExportOptions, run_export  # heavy imports after --help
+
+    if not run_dir and not checkpoint:
+        raise XrayError("give a run folder (xray-export runs/<run>) or --checkpoint PATH")
+    if run_dir and not Path(run_dir).is_dir():
+        raise XrayError(f"{run_dir}: no such run folder")
+    ckpt = Path(checkpoint) if checkpoint else Path(run_dir) / "best.safetensors"
+    out = Path(output_dir) if output_dir else (Path(run_dir) if run_dir else ckpt.parent) / "export"
+    opts = ExportOptions(checkpoint=ckpt, output_dir=out, data_dir=data_dir, eval_split=eval_split,
+                         calibration_images=calibration_images, calibration_method=calibration_method,
+                         calibration_dir=calibration_dir, max_accuracy_drop=max_accuracy_drop,
+                         min_agreement=min_agreement, allow_drop=allow_drop, parity_tolerance=parity_tolerance,
+                         threads=threads, latency_runs=latency_runs,
+                         export_date=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    ok = run_export(opts)
+    sys.exit(0 if ok else EXIT_FAILURE)
+
+
+if __name__ == "__main__":
+    main()

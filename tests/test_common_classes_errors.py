@@ -249,3 +249,14 @@ def test_sha256_file_equals_hashlib(tmp_path):
     empty = tmp_path / "empty"
     empty.write_bytes(b"")
     assert sha256_file(empty) == hashlib.sha256(b"").hexdigest()
+
+
+def test_atomic_writes_get_normal_permissions(tmp_path):
+    import os
+
+    from xray.common.artifacts import write_text_atomic
+
+    write_text_atomic(tmp_path / "f.txt", "x")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "f.txt").stat().st_mode & 0o777 == 0o666 & ~umask

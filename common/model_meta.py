@@ -1,0 +1,50 @@
+"""What an exported ONNX model says about itself (`metadata_props`), so xray-infer needs nothing else.
+
+Values are strings (ONNX metadata is string->string); structured ones are JSON.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from .errors import XrayError
+from .image_spec import ImageSpec
+
+FORMAT_VERSION = "1"
+KEYS = ("xray.format_version", "xray.classes", "xray.image_spec", "xray.model_name", "xray.checkpoint_sha256",
+        "xray.export_date", "xray.precision", "xray.verification")
+
+
+@dataclass
+class ModelInfo:
+    classes: list[str]
+    spec: ImageSpec
+    model_name: str
+    checkpoint_sha256: str = ""
+    export_date: str = ""
+    precision: str = "fp32"
+    verification: dict = field(default_factory=dict)
+
+    def to_metadata(self) -> dict[str, str]:
+        return {"xray.format_version": FORMAT_VERSION, "xray.classes": json.dumps(self.classes),
+                "xray.image_spec": self.spec.to_json(), "xray.model_name": self.model_name,
+                "xray.checkpoint_sha256": self.checkpoint_sha256, "xray.export_date": self.export_date,
+                "xray.precision": self.precision, "xray.verification": json.dumps(self.verification)}
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, str], source: str = "model") -> "ModelInfo":
+        missing = [k for k in ("xray.classes", "xray.image_spec", "xray.model_name") if k not in meta]
+        if missing:
+            raise XrayError(f"{source}: not an xray-edge model (metadata {', '.join(missing)} missing); "
+                            "export it with xray-export")
+        try:
+            classes = json.loads(meta["xray.classes"])
+            verification = json.loads(meta.get("xray.verification") or "{}")
+        except json.JSONDecodeError as e:
+            raise XrayError(f"{source}: corrupt xray metadata ({e})") from None
+        if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+            raise XrayError(f"{source}: corrupt xray metadata (classes)")
+        return cls(classes=classes, spec=ImageSpec.from_json(meta["xray.image_spec"]),
+                   model_name=meta["xray.model_name"], checkpoint_sha256=meta.get("xray.checkpoint_sha256", ""),
+                   export_date=meta.get("xray.export_date", ""), precision=meta.get("xray.precision", "fp32"),
+                   verification=verification)

@@ -1,0 +1,52 @@
+"""export_report.json for machines and export_report.md for people, from the same dict."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from xray.common.artifacts import write_json_atomic, write_text_atomic
+
+
+def markdown(r: dict) -> str:
+    classes = r["classes"]
+    lines = [f"# Export report — {r['model_name']}", "",
+             f"Checkpoint `{r['checkpoint']}` (sha256 `{r['checkpoint_sha256'][:16]}…`), exported {r['export_date']}.",
+             f"Evaluated on {r['eval']['images']} images of `{r['eval']['split']}`.", "",
+             "## Verification", "",
+             "| backend | accuracy | macro-F1 | " + " | ".join(f"recall {c}" for c in classes)
+             + " | agreement with PyTorch | max abs logit diff |",
+             "|---" * (5 + len(classes)) + "|"]
+    for name, m in r["metrics"].items():
+        lines.append(f"| {name} | {m['accuracy'] * 100:.2f}% | {m['macro_f1']:.4f} | "
+                     + " | ".join(f"{m['recall'][c]:.4f}" for c in classes)
+                     + f" | {m['agreement'] * 100:.2f}% | {m['max_abs_logit_diff']:.2e} |")
+    g = r["gate"]
+    lines += ["", f"- fp32 parity: max |Δlogit| {r['metrics']['onnx_fp32']['max_abs_logit_diff']:.2e} "
+                  f"(limit {g['parity_tolerance']:g}): {'pass' if g['parity_ok'] else 'FAIL'}"]
+    if "onnx_int8" in r["metrics"]:
+        lines.append(f"- int8 gate: accuracy drop {g['accuracy_drop_points']:.2f} points (limit {g['max_accuracy_drop']:g}), "
+                     f"agreement {g['agreement'] * 100:.2f}% (minimum {g['min_agreement'] * 100:g}%): "
+                     f"**{g['int8_status']}**")
+    if g.get("warning"):
+        lines.append(f"- **WARNING: {g['warning']}**")
+    lines += ["", "## Size and latency", "",
+              f"Median of {r['latency']['runs']} runs, {r['latency']['threads']} threads, onnxruntime {r['onnxruntime']}.", "",
+              "| model | file | size MB | batch 1 ms | batch 16 ms |", "|---|---|---|---|---|"]
+    for name, f in r["files"].items():
+        lat = r["latency"].get(name, {})
+        lines.append(f"| {name} | `{f['path']}` | {f['mb']:.2f} | {lat.get('batch_1', float('nan')):.2f} | "
+                     f"{lat.get('batch_16', float('nan')):.2f} |")
+    if "speedup_batch_1" in r["latency"]:
+        lines.append(f"\nint8 vs fp32: {r['latency']['speedup_batch_1']:.2f}x faster at batch 1, "
+                     f"{r['latency']['speedup_batch_16']:.2f}x at batch 16; int8 file is "
+                     f"{r['size_ratio'] * 100:.0f}% of fp32.")
+    q = r.get("quantization")
+    if q:
+        lines += ["", "## Quantization settings", ""] + [f"- {k}: `{v}`" for k, v in q.items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out_dir: Path, report: dict) -> str:
+    text = markdown(report)
+    write_json_atomic(out_dir / "export_report.json", report)
+    write_text_atomic(out_dir / "export_report.md", text)
+    return text

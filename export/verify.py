@@ -1,0 +1,98 @@
+"""The gate's numbers: PyTorch vs ONNX fp32 vs ONNX int8 on the same preprocessed images.
+
+Every backend sees the identical float32 batches built by `common` preprocessing, so a difference
+is the model's, not the input pipeline's.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from xray.common.image_spec import ImageSpec
+from xray.common.imageio import load_image
+from xray.common.metrics import classification_metrics
+from xray.common.preprocess import preprocess
+
+
+def session(path, threads: int) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def batches(samples, spec: ImageSpec, size: int = 32):
+    """(float32 N x C x H x W, labels) over (path, label) samples, in order."""
+    for i in range(0, len(samples), size):
+        chunk = samples[i:i + size]
+        yield (np.stack([preprocess(load_image(p, draft_size=spec.resize_size), spec) for p, _ in chunk]),
+               np.array([label for _, label in chunk]))
+
+
+def stratified(samples, n: int, seed: int = 0):
+    """Up to n samples, classes interleaved so every class is represented (seeded)."""
+    rng = np.random.default_rng(seed)
+    by_class = {}
+    for s in samples:
+        by_class.setdefault(s[1], []).append(s)
+    pools = [list(rng.permutation(len(v))) for v in by_class.values()]
+    lists = list(by_class.values())
+    out = []
+    while len(out) < n and any(pools):
+        for pool, items in zip(pools, lists):
+            if pool and len(out) < n:
+                out.append(items[pool.pop()])
+    return out
+
+
+def run_backends(samples, spec, torch_model, sessions: dict) -> dict:
+    """Logits of every backend ('pytorch' + each ONNX session) over the samples, and the labels."""
+    logits = {"pytorch": []} | {k: [] for k in sessions}
+    labels = []
+    torch_model.eval()
+    for x, y in batches(samples, spec):
+        with torch.no_grad():
+            logits["pytorch"].append(torch_model(torch.from_numpy(x)).numpy())
+        for name, sess in sessions.items():
+            logits[name].append(sess.run(None, {sess.get_inputs()[0].name: x})[0])
+        labels.append(y)
+    return {k: np.concatenate(v) for k, v in logits.items()}, np.concatenate(labels)
+
+
+def softmax(z):
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def compare(logits: dict, labels, classes) -> dict:
+    """Per-backend metrics, max |logit difference| vs PyTorch, prediction agreement with PyTorch."""
+    ref = logits["pytorch"]
+    out = {}
+    for name, z in logits.items():
+        m = classification_metrics(labels, z.argmax(1), classes)
+        out[name] = {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
+                     "recall": {c: m["per_class"][c]["recall"] for c in classes},
+                     "max_abs_logit_diff": float(np.abs(z - ref).max()) if len(z) else 0.0,
+                     "max_abs_prob_diff": float(np.abs(softmax(z) - softmax(ref)).max()) if len(z) else 0.0,
+                     "agreement": float((z.argmax(1) == ref.argmax(1)).mean()) if len(z) else 1.0,
+                     "confusion_matrix": m["confusion_matrix"]}
+    return out
+
+
+def latency_ms(sess: ort.InferenceSession, spec: ImageSpec, batch: int, runs: int = 30, warmup: int = 5) -> float:
+    """Median wall time of one run on a random batch."""
+    x = np.random.default_rng(0).standard_normal((batch, spec.channels, spec.input_size, spec.input_size),
+                                                  dtype=np.float32)
+    name = sess.get_inputs()[0].name
+    for _ in range(warmup):
+        sess.run(None, {name: x})
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        sess.run(None, {name: x})
+        times.append(time.perf_counter() - t)
+    return float(np.median(times) * 1000)
