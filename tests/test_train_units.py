@@ -69,11 +69,15 @@ def test_phase_freezing_and_batchnorm_modes():
 
     unfrozen = set_trainable(model, "B", 3)
     assert unfrozen == {6, 7, 8}
-    set_train_mode(model, unfrozen)
-    for i, block in enumerate(model.blocks):
-        for m in block:
-            assert all(p.requires_grad == (i in unfrozen) for p in m.parameters())
-            assert m.training == (i in unfrozen)
+    bn = torch.nn.modules.batchnorm._BatchNorm
+    for frozen_stats in (False, True):
+        set_train_mode(model, unfrozen, bn_stats_frozen=frozen_stats)
+        for i, block in enumerate(model.blocks):
+            for m in block:
+                assert all(p.requires_grad == (i in unfrozen) for p in m.parameters())
+                for sub in m.modules():
+                    expected = i in unfrozen and not (frozen_stats and isinstance(sub, bn))
+                    assert sub.training == expected, (i, type(sub).__name__, frozen_stats)
     assert set_trainable(model, "B", "all") == set(range(9))
 
 

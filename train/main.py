@@ -192,7 +192,7 @@ class Run:
                 train_ds.set_epoch(epoch)
             skip = self.state["step_in_epoch"]
             loader = acc.skip_first_batches(train_loader, skip) if skip else train_loader
-            set_train_mode(raw_model, unfrozen)
+            set_train_mode(raw_model, unfrozen, bn_stats_frozen=not cfg.get("bn_train", False))
             bar = tqdm(total=len(train_loader), initial=skip, desc=f"phase {phase} epoch {epoch + 1}/{p['epochs']}",
                        unit="batch", disable=True if not acc.is_local_main_process else None, leave=False)
             timer = Throughput()
@@ -303,6 +303,8 @@ def phase_options(f):
 @click.option("--label-smoothing", default=0.0, show_default=True, type=click.FloatRange(0, 1))
 @click.option("--no-class-weights", is_flag=True, help="Plain cross-entropy instead of inverse-frequency weights.")
 @click.option("--no-augment", is_flag=True)
+@click.option("--bn-train", is_flag=True,
+              help="Phase B: let BatchNorm in unfrozen blocks re-estimate its statistics (default: keep ImageNet's).")
 @click.option("--cache-features", is_flag=True,
               help="Phase A: run the frozen backbone once and train the head on stored features (needs --no-augment).")
 @click.option("--hflip", is_flag=True, help="Add horizontal flips (off by default: anatomy is not symmetric).")
@@ -346,7 +348,7 @@ def config_from_options(o) -> dict:
             "batch_size": o["batch_size"], "grad_accum": o["grad_accum"], "clip_grad": o["clip_grad"],
             "warmup_frac": o["warmup_frac"], "label_smoothing": o["label_smoothing"],
             "class_weights": not o["no_class_weights"], "augment": not o["no_augment"], "hflip": o["hflip"],
-            "cache_features": o["cache_features"],
+            "cache_features": o["cache_features"], "bn_train": o["bn_train"],
             "patience": o["patience"], "workers": o["workers"], "seed": o["seed"],
             "checkpoint_every": o["checkpoint_every"]}
 
