@@ -192,7 +192,7 @@ class Run:
                 train_ds.set_epoch(epoch)
             skip = self.state["step_in_epoch"]
             loader = acc.skip_first_batches(train_loader, skip) if skip else train_loader
-            set_train_mode(raw_model, unfrozen, bn_stats_frozen=not cfg.get("bn_train", False))
+            set_train_mode(raw_model, unfrozen, bn_stats_frozen=cfg["pretrained"] and not cfg.get("bn_train", False))
             bar = tqdm(total=len(train_loader), initial=skip, desc=f"phase {phase} epoch {epoch + 1}/{p['epochs']}",
                        unit="batch", disable=True if not acc.is_local_main_process else None, leave=False)
             timer = Throughput()
@@ -304,7 +304,8 @@ def phase_options(f):
 @click.option("--no-class-weights", is_flag=True, help="Plain cross-entropy instead of inverse-frequency weights.")
 @click.option("--no-augment", is_flag=True)
 @click.option("--bn-train", is_flag=True,
-              help="Phase B: let BatchNorm in unfrozen blocks re-estimate its statistics (default: keep ImageNet's).")
+              help="Phase B: let BatchNorm in unfrozen blocks re-estimate its statistics (default for a "
+                   "pretrained backbone: keep ImageNet's; scratch models always re-estimate).")
 @click.option("--cache-features", is_flag=True,
               help="Phase A: run the frozen backbone once and train the head on stored features (needs --no-augment).")
 @click.option("--hflip", is_flag=True, help="Add horizontal flips (off by default: anatomy is not symmetric).")
