@@ -14,7 +14,6 @@ from conftest import ROOT, run_script
 from PIL import Image
 
 from xray.common.artifacts import sha256_file
-from xray.common.image_spec import ImageSpec
 from xray.common.model_meta import ModelInfo
 from xray.export.onnx_export import export_onnx
 from xray.train.checkpoint import read_sidecar
