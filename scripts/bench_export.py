@@ -16,10 +16,13 @@ Measured in one run, per model, with the project's own code:
 - ONNX latency: xray.export.verify.session(path, threads) + xray.export.verify.latency_ms; PyTorch eager:
   the same timer (model.eval(), torch.no_grad(), the same seeded random input), torch.set_num_threads(threads).
 
-Timing: per model and batch size, each backend gets its untimed warm-up, then the three backends alternate
-run by run (the order rotates every run) and each backend's --runs samples give its median. A load burst
-from another process on a shared CPU then hits all three backends alike, so the ratios within one row are
-more trustworthy than the absolute milliseconds.
+Timing: per model and batch size, each backend gets its untimed warm-up, then the three backends take
+turns in --rounds blocks of consecutive runs (order rotating every round), each block after --settle s of
+sleep and one untimed run; each backend's --runs samples give its median. Blocks rather than run-by-run
+alternation: ONNX Runtime's and OpenMP's worker threads keep spinning for a while after a run and steal
+the cores from the next backend (run by run measured Lite0 eager 2x and ORT 1.7x slower than either
+alone). A load burst from another process on a shared CPU still tends to hit all three backends, so the
+ratios within one row are more trustworthy than the absolute milliseconds.
 """
 from __future__ import annotations
 
@@ -51,6 +54,7 @@ from xray.train.models import REGISTRY, build_model, get_model_def
 SCRIPTS = Path(__file__).resolve().parent
 NUM_CLASSES = 3
 BACKENDS = ("eager", "fp32", "int8")
+DEFAULT_MODELS = ("efficientnet_lite0", "efficientnet_b0", "resnet18", "resnet50", "cnn_baseline")
 GOAL_MODELS = ("efficientnet_lite0", "efficientnet_b0")
 GOAL_SPEEDUP = 1.5  # int8 vs fp32, batch 1
 GOAL_SIZE = 0.30  # int8 file / fp32 file
@@ -99,22 +103,65 @@ def eager_latency_ms(model: torch.nn.Module, spec, batch: int, runs: int = 30, w
     return float(np.median(times) * 1000)
 
 
-def interleaved(timers: dict, runs: int, warmup: int) -> dict:
-    """timers: backend -> f(runs, warmup) returning a median in ms. Warm every backend up, then alternate
-    single timed runs with a rotating order; returns backend -> list of ms samples."""
+def interleaved(timers: dict, runs: int, warmup: int, rounds: int, settle: float) -> dict:
+    """timers: backend -> f(runs, warmup) returning a median in ms. Each backend is warmed up once, then
+    the backends take turns in `rounds` blocks of consecutive timed runs (order rotating every round).
+    Every block starts after `settle` s of sleep and one untimed run: ONNX Runtime's and OpenMP's worker
+    threads keep spinning for a while after a run, and switching backend run by run measured that spin
+    (here: Lite0 eager 2x, ORT 1.7x slower than either alone). Returns backend -> list of ms samples."""
     names = list(timers)
     for n in names:
+        time.sleep(settle)
         timers[n](1, warmup)
     samples = {n: [] for n in names}
-    for i in range(runs):
-        for n in names[i % len(names):] + names[:i % len(names)]:
-            samples[n].append(timers[n](1, 0))
+    rounds = max(1, min(rounds, runs))
+    for r in range(rounds):
+        k = runs // rounds + (1 if r < runs % rounds else 0)
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            time.sleep(settle)
+            timers[n](1, 0)  # one untimed run: absorbs what is left of the other backend's spinning threads
+            samples[n] += [timers[n](1, 0) for _ in range(k)]
     return samples
 
 
+class CpuMeter:
+    """Share of the machine's CPU time used by *other* processes between start() and stop():
+    (all busy CPU time in /proc/stat - this process's and its children's CPU time) / (wall time x CPUs)."""
+
+    def __init__(self):
+        self.t0 = self.busy0 = self.own0 = None
+
+    @staticmethod
+    def _busy() -> float | None:
+        try:
+            f = Path("/proc/stat").read_text().splitlines()[0].split()
+        except (OSError, IndexError):
+            return None
+        user, nice, system, _idle, _iowait, irq, softirq = (int(v) for v in f[1:8])
+        return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+    @staticmethod
+    def _own() -> float:
+        t = os.times()
+        return t.user + t.system + t.children_user + t.children_system
+
+    def start(self):
+        self.t0, self.busy0, self.own0 = time.perf_counter(), self._busy(), self._own()
+        return self
+
+    def stop(self) -> float | None:
+        busy = self._busy()
+        if busy is None or self.busy0 is None:
+            return None
+        wall = time.perf_counter() - self.t0
+        other = (busy - self.busy0) - (self._own() - self.own0)
+        return max(0.0, other / (wall * (os.cpu_count() or 1)))
+
+
 # ---- one model ----------------------------------------------------------------------------------
-def bench_model(name, image_size, threads, batch_sizes, runs, warmup, images, work: Path) -> dict:
+def bench_model(name, image_size, threads, batch_sizes, runs, warmup, rounds, settle, images, work: Path) -> dict:
     t_start = time.perf_counter()
+    load_start = load1()
     spec = REGISTRY[name].spec.with_size(image_size)
     torch.manual_seed(0)
     model = build_model(name, NUM_CLASSES, pretrained=(name == "efficientnet_lite0")).eval()
@@ -133,24 +180,36 @@ def bench_model(name, image_size, threads, batch_sizes, runs, warmup, images, wo
     sessions = {"fp32": session(fp32, threads), "int8": session(int8, threads)}
     # sanity: same inputs through all three backends (not a gate; weights are random for most models)
     x = batches[0]
+    subnormal = []  # random weights could shrink activations into subnormal floats, which are slow on x86
+
+    def count_subnormal(_mod, _inp, out):
+        if isinstance(out, torch.Tensor) and out.is_floating_point():
+            a = out.abs()
+            subnormal.append(int(((a > 0) & (a < torch.finfo(a.dtype).tiny)).sum()))
+
+    hooks = [m.register_forward_hook(count_subnormal) for m in model.modules() if not list(m.children())]
     with torch.no_grad():
         ref = model(torch.from_numpy(x)).numpy()
+    for h in hooks:
+        h.remove()
     outs = {k: s.run(None, {s.get_inputs()[0].name: x})[0] for k, s in sessions.items()}
     parity = {k: float(np.abs(v - ref).max()) for k, v in outs.items()}
 
     latency = {}
+    meter = CpuMeter().start()
     for b in batch_sizes:
-        log(f"[{name}] batch {b}: warm-up {warmup}, {runs} interleaved runs ...")
+        log(f"[{name}] batch {b}: warm-up {warmup}, {runs} runs interleaved in {rounds} rounds ...")
         timers = {"eager": lambda r, w, b=b: eager_latency_ms(model, spec, b, r, w),
-                  "fp32": lambda r, w, b=b: latency_ms(sessions["fp32"], spec, b, r, w),
-                  "int8": lambda r, w, b=b: latency_ms(sessions["int8"], spec, b, r, w)}
-        samples = interleaved(timers, runs, warmup)
+                  "fp32": lambda r, w, b=b, s=sessions["fp32"]: latency_ms(s, spec, b, r, w),
+                  "int8": lambda r, w, b=b, s=sessions["int8"]: latency_ms(s, spec, b, r, w)}
+        samples = interleaved(timers, runs, warmup, rounds, settle)
         med = {k: statistics.median(v) for k, v in samples.items()}
         latency[str(b)] = {**{f"{k}_ms": med[k] for k in BACKENDS},
                            "eager_over_fp32": med["eager"] / med["fp32"],
                            "fp32_over_int8": med["fp32"] / med["int8"],
                            "samples_ms": {k: [round(s, 3) for s in v] for k, v in samples.items()}}
-    del sessions
+    other_cpu = meter.stop()
+    del sessions, timers
     sizes = {"fp32_mb": fp32.stat().st_size / 1e6, "int8_mb": int8.stat().st_size / 1e6}
     sizes["int8_fraction"] = sizes["int8_mb"] / sizes["fp32_mb"]
     for p in (fp32, int8):
@@ -160,7 +219,8 @@ def bench_model(name, image_size, threads, batch_sizes, runs, warmup, images, wo
     return {"model": name, "pretrained": name == "efficientnet_lite0", "params_m": params / 1e6,
             "image_spec": spec.to_dict(), "runs": runs, "latency": latency, "files": sizes,
             "quantization": settings.to_dict(), "quantize_seconds": quantize_s,
-            "max_abs_logit_diff_vs_eager": parity, "seconds": seconds}
+            "max_abs_logit_diff_vs_eager": parity, "subnormal_activations": sum(subnormal), "seconds": seconds,
+            "load_1min_start_end": [load_start, load1()], "other_processes_cpu_share": other_cpu}
 
 
 # ---- report -------------------------------------------------------------------------------------
@@ -234,7 +294,7 @@ def parse_model_runs(text: str) -> dict[str, int]:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--models", default=",".join(REGISTRY), show_default=True,
+@click.option("--models", default=",".join(DEFAULT_MODELS), show_default=True,
               help=f"Comma-separated, from: {', '.join(REGISTRY)}.")
 @click.option("--image-size", default=224, show_default=True, type=click.IntRange(32, 1024))
 @click.option("--threads", default=2, show_default=True, type=click.IntRange(1),
@@ -244,13 +304,17 @@ def parse_model_runs(text: str) -> dict[str, int]:
               help="Timed runs per backend and batch size (median reported).")
 @click.option("--warmup", default=5, show_default=True, type=click.IntRange(0),
               help="Untimed runs per backend and batch size before the timed ones.")
+@click.option("--rounds", default=5, show_default=True, type=click.IntRange(1),
+              help="Blocks per backend: the backends take turns this many times, runs split between the blocks.")
+@click.option("--settle", default=0.2, show_default=True, type=click.FloatRange(0),
+              help="Seconds of sleep before every block, so the previous backend's spinning threads park.")
 @click.option("--model-runs", default="", show_default=True,
               help="Per-model override of --runs, e.g. 'resnet50=15' (slow models).")
 @click.option("--calibration-images", default=48, show_default=True, type=click.IntRange(1, 60),
               help="Synthetic images (stratified over 3 classes, 60 generated) used to calibrate int8.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write the results here.")
 @exit_on_user_error
-def main(models, image_size, threads, batch_sizes, runs, warmup, model_runs, calibration_images, json_path):
+def main(models, image_size, threads, batch_sizes, runs, warmup, rounds, settle, model_runs, calibration_images, json_path):
     """Latency (batch 1 and 16) and file size: PyTorch eager vs ONNX fp32 vs ONNX int8, as xray-export builds them."""
     names = [m.strip() for m in models.split(",") if m.strip()]
     if not names:
@@ -273,24 +337,28 @@ def main(models, image_size, threads, batch_sizes, runs, warmup, model_runs, cal
         images = stratified(make_images(Path(tmp), 20), calibration_images)
         work = Path(tmp) / "onnx"
         work.mkdir()
-        results = [bench_model(n, image_size, threads, bs, per_model_runs.get(n, runs), warmup, images, work)
+        results = [bench_model(n, image_size, threads, bs, per_model_runs.get(n, runs), warmup, rounds, settle, images, work)
                    for n in names]
 
     load_after = load1()
     total = time.perf_counter() - started
     q = results[0]["quantization"]
     notes = [
-        f"weights: efficientnet_lite0 has its offline ImageNet weights; the other models have random weights "
-        f"(no offline ImageNet weights here). Weight values do not change the graph or the op shapes, so the "
-        f"latencies and file sizes hold for trained models too.",
+        "weights: efficientnet_lite0 has its offline ImageNet weights; the other models have random weights "
+        "(no offline ImageNet weights here). Weight values do not change the graph or the op shapes, so the "
+        "latencies and file sizes hold for trained models too (subnormal float activations, the one way weights "
+        "could slow float math, counted on one calibration batch in eager: "
+        + ", ".join(f"{r['model']} {r['subnormal_activations']}" for r in results) + ").",
         f"int8: xray.export.quantize.default_settings: static {q['quant_format']}, {q['method']} calibration on "
         f"{q['calibration_images']} synthetic images (make_synthetic.py, 256 px, shared preprocessing), "
         f"activations {q['activation_type']}, weights {q['weight_type']}, per-channel {q['per_channel']}, "
         f"reduce_range {q['reduce_range']} (CPU has VNNI/AMX: {cpu_has_vnni()}).",
-        "timing: median wall time of one run; per batch size each backend has "
-        f"{warmup} untimed warm-up runs, then the three backends alternate run by run (rotating order). "
-        "ORT runs are timed by xray.export.verify.latency_ms(sess, spec, batch, runs=1, warmup=0) per run; "
-        "PyTorch eager by the same timer written for torch (model.eval(), torch.no_grad(), same seeded input).",
+        f"timing: median wall time of one run. Per batch size each backend gets {warmup} untimed warm-up runs, "
+        f"then the backends take turns in {rounds} blocks of consecutive runs (order rotating), each block after "
+        f"{settle:g} s of sleep and one untimed run, so ONNX Runtime's and OpenMP's still-spinning worker threads "
+        "from the previous backend do not steal the cores (alternating run by run made Lite0 eager 2x and ORT "
+        "1.7x slower than either alone). ORT: xray.export.verify.latency_ms(sess, spec, batch, runs=1, warmup=0) "
+        "per timed run; PyTorch eager: the same timer for torch (model.eval(), torch.no_grad(), same seeded input).",
         "eager/fp32 > 1: ONNX Runtime fp32 is faster than PyTorch eager; fp32/int8 > 1: int8 is faster.",
         "eager model = the registry model as trained (timm's dynamic TF-'same' padding for Lite0); ONNX = "
         "export_onnx on a deep copy (padding frozen to constants, TorchScript exporter, opset 17, dynamic batch).",
@@ -298,14 +366,18 @@ def main(models, image_size, threads, batch_sizes, runs, warmup, model_runs, cal
             f"{r['model']} fp32 {r['max_abs_logit_diff_vs_eager']['fp32']:.1e}, "
             f"int8 {r['max_abs_logit_diff_vs_eager']['int8']:.1e}" for r in results) + " (sanity only).",
         *(f"{n}: {per_model_runs[n]} runs instead of {runs} (--model-runs)" for n in names if n in per_model_runs),
-        f"1-minute load average: {load_before:.2f} before, {load_after:.2f} after "
-        f"({os.cpu_count()} CPUs; above ~0.3 other processes shared the CPU and absolute ms are inflated).",
+        f"1-minute load average: {load_before:.2f} before, {load_after:.2f} after ({os.cpu_count()} CPUs; the "
+        f"benchmark itself adds up to {threads}). CPU time used by other processes during the timed runs, as a "
+        "share of the machine (from /proc/stat minus this process; above a few %, absolute ms are inflated): "
+        + ", ".join(f"{r['model']} {r['other_processes_cpu_share']:.0%}" if r["other_processes_cpu_share"] is not None
+                    else f"{r['model']} n/a" for r in results) + ".",
         f"machine: {cpu_name()}, {os.cpu_count()} CPUs; torch {torch.__version__}, onnxruntime "
         f"{onnxruntime.__version__}, Python {platform.python_version()}; total {total:.0f} s "
         f"(" + ", ".join(f"{r['model']} {r['seconds']:.0f} s" for r in results) + ").",
     ]
     res = {"config": {"models": names, "image_size": image_size, "threads": threads, "batch_sizes": bs,
-                      "runs": runs, "model_runs": per_model_runs, "warmup": warmup,
+                      "runs": runs, "model_runs": per_model_runs, "warmup": warmup, "rounds": rounds,
+                      "settle_s": settle,
                       "calibration_images": len(images)},
            "environment": {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "vnni": cpu_has_vnni(),
                            "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
