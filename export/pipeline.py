@@ -69,7 +69,8 @@ def run_export(o: ExportOptions) -> bool:
     settings = default_settings(meta["model_name"], o.calibration_method)
     say(f"quantize: calibrating on {len(calib)} images ({o.calibration_method}) -> {int8.name}")
     candidate = out / ".model.int8.candidate.onnx"
-    quantize(fp32, candidate, [x for x, _ in batches(calib, spec, 8)], settings)
+    # batch 1: the histogram calibrators (entropy, percentile) fail on multi-image batches
+    quantize(fp32, candidate, [x for x, _ in batches(calib, spec, 1)], settings)
 
     say(f"verify: PyTorch vs ONNX fp32 vs ONNX int8 on {len(eval_samples)} images of {eval_dir}")
     sessions = {"onnx_fp32": session(fp32, o.threads), "onnx_int8": session(candidate, o.threads)}

@@ -155,3 +155,10 @@ def test_help():
     if proc.returncode != 0:  # not in the project venv: call the module
         proc = xray_export("--help")
     assert "--max-accuracy-drop" in proc.stdout and "--allow-drop" in proc.stdout
+
+
+def test_histogram_calibration_methods_run(run, tmp_path):
+    xray_export(run, *QUICK, "--eval-split", "val", "--output-dir", tmp_path, "--calibration-method", "entropy",
+                "--calibration-images", 12, "--min-agreement", 0, "--max-accuracy-drop", 100)
+    report = json.loads((tmp_path / "export_report.json").read_text())
+    assert report["quantization"]["method"] == "entropy" and report["quantization"]["calibration_images"] == 12
