@@ -1,6 +1,7 @@
 """Shared test helpers: run the real scripts in subprocesses, import their functions in-process."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,13 +13,18 @@ SCRIPTS = ROOT / "scripts"
 sys.path.insert(0, str(SCRIPTS))  # the scripts are plain files, not a package
 
 
-def run_script(name: str, *args, cwd=None, check=True, env=None) -> subprocess.CompletedProcess:
-    """python scripts/<name>.py ARGS; check=True asserts exit code 0 and shows stderr if not."""
-    proc = subprocess.run([sys.executable, str(SCRIPTS / f"{name}.py"), *map(str, args)],
-                          capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
+def run_command(cmd, *, check=True, env=None, cwd=None, timeout=900) -> subprocess.CompletedProcess:
+    """Run a CLI; check=True asserts exit code 0 and shows the output's tail if not. `env` adds to os.environ."""
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, cwd=cwd, timeout=timeout,
+                          env={**os.environ, **env} if env else None)
     if check:
-        assert proc.returncode == 0, f"{name} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+        assert proc.returncode == 0, f"{cmd[:3]} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
+
+
+def run_script(name: str, *args, check=True) -> subprocess.CompletedProcess:
+    """python scripts/<name>.py ARGS."""
+    return run_command([sys.executable, SCRIPTS / f"{name}.py", *args], check=check)
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import ROOT, run_script
+from conftest import ROOT, run_command, run_script
 from PIL import Image
 
 from xray.common.artifacts import sha256_file
@@ -24,10 +24,7 @@ QUICK = ["--threads", "2", "--latency-runs", "3"]
 
 
 def xray_export(*args, check=True):
-    proc = subprocess.run(EXPORT + [str(a) for a in args], capture_output=True, text=True, timeout=600)
-    if check:
-        assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc
+    return run_command(EXPORT + list(args), check=check)
 
 
 @pytest.fixture(scope="module")

@@ -2,15 +2,13 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run_script
+from conftest import ROOT, run_command, run_script
 from safetensors.torch import load_file
 
 from xray.common.artifacts import read_csv, sha256_file
@@ -26,11 +24,7 @@ FAST = ["--image-size", "64", "--batch-size", "16", "--workers", "0"]
 
 
 def train(*args, env=None, check=True, launcher=None):
-    cmd = (launcher or [sys.executable]) + [str(MAIN), *FAST, *map(str, args)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=900)
-    if check:
-        assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc
+    return run_command((launcher or [sys.executable]) + [MAIN, *FAST, *args], env=env, check=check)
 
 
 @pytest.fixture(scope="module")
