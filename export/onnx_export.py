@@ -1,6 +1,7 @@
 """PyTorch checkpoint -> fp32 ONNX: dynamic batch, fixed H x W, constant folded, checker-clean."""
 from __future__ import annotations
 
+import copy
 import warnings
 from pathlib import Path
 
@@ -17,8 +18,9 @@ INPUT_NAME, OUTPUT_NAME = "input", "logits"
 
 
 def export_onnx(model: torch.nn.Module, spec: ImageSpec, path: Path, opset: int = OPSET) -> None:
-    """The TorchScript-based exporter (no onnxscript needed; graphs the quantizer accepts)."""
-    model = model.eval()
+    """The TorchScript-based exporter (no onnxscript needed; graphs the quantizer accepts). Exports a
+    copy: the caller's model stays the untouched PyTorch reference the parity gate compares against."""
+    model = copy.deepcopy(model).eval()
     freeze_same_padding(model, spec.channels, spec.input_size)
     example = torch.zeros(1, spec.channels, spec.input_size, spec.input_size)
     with atomic_path(path) as tmp, warnings.catch_warnings():

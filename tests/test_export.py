@@ -89,6 +89,9 @@ def test_fp32_onnx_matches_pytorch_for_every_registry_model(name, tmp_path):
     with torch.no_grad():
         ref = model(x).numpy()
     export_onnx(model, spec, tmp_path / "m.onnx")
+    assert not any(isinstance(m, torch.nn.ZeroPad2d) for m in model.modules()), "export modified the model"
+    with torch.no_grad():
+        assert torch.equal(model(x), torch.from_numpy(ref)), "export must not modify the reference model"
     got = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(
         None, {"input": x.numpy()})[0]
     assert np.abs(got - ref).max() <= 1e-3 * max(1.0, np.abs(ref).max())
