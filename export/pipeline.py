@@ -11,7 +11,7 @@ import onnxruntime
 from xray.common.artifacts import sha256_file
 from xray.common.errors import XrayError
 from xray.common.model_meta import ModelInfo
-from xray.train.checkpoint import load_checkpoint, read_sidecar
+from xray.train.checkpoint import load_checkpoint
 from xray.train.data import scan_split
 
 from .onnx_export import export_onnx, set_metadata
@@ -49,11 +49,10 @@ def resolve_split(data_dir: Path, name: str) -> Path:
 
 def run_export(o: ExportOptions) -> bool:
     """Returns True when fp32 parity holds and int8 passed its gate (or --allow-drop)."""
-    meta = read_sidecar(o.checkpoint)
+    model, meta = load_checkpoint(o.checkpoint)
     sha = sha256_file(o.checkpoint)
     if meta.get("weights_sha256") and meta["weights_sha256"] != sha:
         raise XrayError(f"{o.checkpoint}: weights do not match their sidecar (sha256 differs); re-save the checkpoint")
-    model, meta = load_checkpoint(o.checkpoint)
     classes, spec = meta["classes"], meta["image_spec"]
     data_dir = Path(o.data_dir or meta.get("config", {}).get("data_dir", "data"))
     eval_dir = resolve_split(data_dir, o.eval_split)
@@ -66,7 +65,7 @@ def run_export(o: ExportOptions) -> bool:
     say(f"export: {meta['model_name']} ({len(classes)} classes, {spec.input_size} px) -> {fp32}")
     export_onnx(model, spec, fp32)
     calib = stratified(calib_pool, o.calibration_images)
-    settings = default_settings(meta["model_name"], o.calibration_method)
+    settings = default_settings(o.calibration_method)
     say(f"quantize: calibrating on {len(calib)} images ({o.calibration_method}) -> {int8.name}")
     candidate = out / ".model.int8.candidate.onnx"
     # batch 1: the histogram calibrators (entropy, percentile) fail on multi-image batches

@@ -46,7 +46,8 @@ class QuantSettings:
         return asdict(self)
 
 
-def default_settings(model_name: str, method: str = "minmax") -> QuantSettings:
+def default_settings(method: str = "minmax") -> QuantSettings:
+    """One recipe for every registry model so far; per-backbone exclusions go here once measured."""
     return QuantSettings(method=method, reduce_range=not cpu_has_vnni())
 
 

@@ -10,7 +10,7 @@ Measured in one run, per model, with the project's own code:
   Lite0 has offline ImageNet weights, the others get random weights (same graph, same latency).
 - fp32 ONNX: xray.export.onnx_export.export_onnx(model, spec, path), spec = REGISTRY[name].spec.with_size(size),
   on a deep copy (export freezes timm's TF-"same" padding in place; the eager model stays the training model).
-- int8 ONNX: xray.export.quantize.quantize(fp32, int8, batches, default_settings(name)), calibrated on
+- int8 ONNX: xray.export.quantize.quantize(fp32, int8, batches, default_settings()), calibrated on
   synthetic chest X-rays (scripts/make_synthetic.py) loaded with xray.common.imageio.load_image and
   preprocessed with xray.common.preprocess.preprocess, in batches of 8 as the export pipeline does.
 - ONNX latency: xray.export.verify.session(path, threads) + xray.export.verify.latency_ms; PyTorch eager:
@@ -171,7 +171,7 @@ def bench_model(name, image_size, threads, batch_sizes, runs, warmup, rounds, se
     log(f"[{name}] export fp32 ONNX ...")
     export_onnx(copy.deepcopy(model), spec, fp32)
     batches = calibration_batches(images, spec)
-    settings = default_settings(name)
+    settings = default_settings()
     log(f"[{name}] quantize int8 ({sum(len(b) for b in batches)} calibration images) ...")
     t_q = time.perf_counter()
     quantize(fp32, int8, batches, settings)
