@@ -71,7 +71,13 @@ def _read_bytes(path, label) -> bytes:
     except PermissionError:
         raise ImageError(f"{label}: permission denied") from None
     except OSError as e:
-        raise ImageError(f"{label}: cannot read ({e.strerror or e})") from None
+        raise ImageError(f"{label}: cannot read ({e.strerror or _reason(e)})") from None
+
+
+def _reason(e: Exception, limit: int = 200) -> str:
+    """A library's exception as one short line (pydicom's and PIL's messages may span lines)."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _load_pil(data: bytes, label: str, max_pixels: int, draft_size: int | None) -> Image.Image:
@@ -84,7 +90,7 @@ def _load_pil(data: bytes, label: str, max_pixels: int, draft_size: int | None) 
         except Image.DecompressionBombError:
             raise ImageError(f"{label}: image too large (decompression bomb)") from None
         except Exception as e:  # PIL raises many types for garbage headers
-            raise ImageError(f"{label}: cannot decode ({e})") from None
+            raise ImageError(f"{label}: cannot decode ({_reason(e)})") from None
         w, h = img.size
         if w * h > max_pixels:
             raise ImageError(f"{label}: image too large ({w}x{h} = {w * h / 1e6:.0f} MP > "
@@ -103,7 +109,7 @@ def _load_pil(data: bytes, label: str, max_pixels: int, draft_size: int | None) 
         except ImageError:
             raise
         except Exception as e:  # truncated/corrupt streams surface only on load
-            raise ImageError(f"{label}: corrupt or truncated image ({e})") from None
+            raise ImageError(f"{label}: corrupt or truncated image ({_reason(e)})") from None
 
 
 def to_gray8(img: Image.Image) -> Image.Image:
@@ -151,7 +157,7 @@ def _load_dicom(data: bytes, label: str, max_pixels: int) -> Image.Image:
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
     except Exception as e:
-        raise ImageError(f"{label}: not a readable DICOM file ({e})") from None
+        raise ImageError(f"{label}: not a readable DICOM file ({_reason(e)})") from None
     rows, cols = int(getattr(ds, "Rows", 0) or 0), int(getattr(ds, "Columns", 0) or 0)
     if rows * cols > max_pixels:
         raise ImageError(f"{label}: image too large ({cols}x{rows})")
@@ -160,7 +166,7 @@ def _load_dicom(data: bytes, label: str, max_pixels: int) -> Image.Image:
     except Exception as e:
         ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         ts_name = getattr(ts, "name", ts)
-        raise ImageError(f"{label}: cannot decode DICOM pixel data (transfer syntax {ts_name}: {e})") from None
+        raise ImageError(f"{label}: cannot decode DICOM pixel data (transfer syntax {ts_name}: {_reason(e)})") from None
     if arr.ndim == 3 and getattr(ds, "SamplesPerPixel", 1) == 1:
         arr = arr[0]  # multi-frame: the first frame
     arr = apply_modality_lut(arr, ds)

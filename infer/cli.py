@@ -1,11 +1,152 @@
-"""xray-infer: not built yet; its issue delivers the real command."""
+"""xray-infer: classify chest X-rays with an exported ONNX model; onnxruntime + numpy + PIL only, no torch."""
+from __future__ import annotations
+
 import sys
+from contextlib import contextmanager, nullcontext
 
 import click
 
+from xray.common.errors import EXIT_FAILURE, EXIT_OK, XrayError, exit_on_user_error
+from xray.common.imageio import DEFAULT_MAX_PIXELS
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-def main():
-    """xray-infer (not built yet)."""
-    print("xray-infer: not built yet (see the infer issue)", file=sys.stderr)
-    sys.exit(2)
+EPILOG = """\b
+Model: --model, else $XRAY_MODEL, else the newest runs/*/export/ below the current directory
+(model.int8.onnx, else model.onnx). Classes and preprocessing come from the model's metadata.
+\b
+Exit codes: 0 every input was classified; 1 some inputs failed (each named on stderr, the others
+are still in the output); 2 nothing could run (no inputs, bad model, bad option); 130 interrupted.
+"""
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EPILOG)
+@click.argument("inputs", nargs=-1, metavar="IMAGE_OR_FOLDER...")
+@click.option("--model", "-m", "model_path", metavar="PATH", help="ONNX model written by xray-export.")
+@click.option("--format", "-f", "fmt", type=click.Choice(["table", "json", "jsonl", "csv"]), default="table",
+              show_default=True, help="Output format.")
+@click.option("--top-k", type=click.IntRange(min=1), help="Show only the k most probable classes per image.")
+@click.option("--output", "-o", type=click.Path(dir_okay=False, writable=True),
+              help="Write the output to this file (replaced only when the run completes) instead of stdout.")
+@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
+              help="onnxruntime threads (0: all cores).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="Decoding threads running ahead of inference (default: one per core; 0: decode inline).")
+@click.option("--eval", "evaluate", is_flag=True,
+              help="Inputs are class folders (e.g. data/test/<CLASS>/...): also print accuracy, macro-F1, "
+                   "per-class precision/recall/F1 and the confusion matrix.")
+@click.option("--max-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_PIXELS, show_default=True,
+              help="Refuse larger images from their header, before decoding (decompression bombs).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@exit_on_user_error
+def main(inputs, model_path, fmt, top_k, output, threads, batch_size, workers, evaluate, max_pixels, quiet):
+    """Classify chest X-ray images: files, folders (recursive), globs, or - to read paths from stdin.
+
+    JPEG, PNG (8/16-bit, RGB(A), palette), TIFF, BMP, WebP, and DICOM (.dcm, needs the [dicom] extra).
+    """
+    from .formats import WRITERS
+    from .inputs import collect_inputs
+    from .model import EdgeModel, cpu_count, resolve_model_path
+    from .predict import Result, predict_files
+
+    if not inputs:
+        raise XrayError("no input: give image files, folders, globs, or - to read paths from stdin (see --help)")
+    model = EdgeModel(resolve_model_path(model_path), threads)
+    classes = model.info.classes
+    paths, input_errors = collect_inputs(inputs, sys.stdin if "-" in inputs else None)
+    if evaluate:
+        labels = eval_labels(paths, classes)
+    top_k = min(top_k, len(classes)) if top_k else None
+    failed = 0
+    results = []
+    width = max((len(p) for p in paths), default=4)
+    with open_output(output) as out:
+        writer = WRITERS[fmt](out, classes, top_k, width)
+        writer.start(model_description(model))
+        for arg, message in input_errors:
+            failed += 1
+            report_error(message)
+            writer.row(Result(arg, error=message))
+        stream = predict_files(model, paths, batch_size, cpu_count() if workers is None else workers, max_pixels)
+        with progress(len(paths), quiet or len(paths) <= batch_size) as bar:
+            for result in stream:
+                bar.update(1)
+                if result.error:
+                    failed += 1
+                    report_error(result.error)
+                writer.row(result)
+                if evaluate:
+                    results.append(result)
+        metrics = text = None
+        if evaluate:
+            metrics, text = eval_metrics(results, labels, classes)
+            if fmt in ("jsonl", "csv"):
+                click.echo(text, err=True, nl=False)  # stdout stays machine-readable
+        writer.finish(metrics, text)
+    sys.exit(EXIT_FAILURE if failed else EXIT_OK)
+
+
+def report_error(message: str):
+    click.echo(f"error: {message}", err=True)
+
+
+@contextmanager
+def open_output(path):
+    """stdout, or a file that appears only once the run completes (never half-written)."""
+    if not path:
+        yield sys.stdout
+        sys.stdout.flush()
+        return
+    from xray.common.artifacts import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
+        yield f
+
+
+def progress(total: int, hidden: bool):
+    if hidden or not sys.stderr.isatty():
+        return nullcontext(_NoBar())
+    return click.progressbar(length=total, label="classifying", file=sys.stderr, show_pos=True, show_eta=True)
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+
+def model_description(model) -> dict:
+    i = model.info
+    return {"path": str(model.path), "model_name": i.model_name, "precision": i.precision, "classes": i.classes,
+            "image_size": i.spec.input_size, "checkpoint_sha256": i.checkpoint_sha256, "export_date": i.export_date}
+
+
+def eval_labels(paths, classes) -> dict:
+    """path -> class index from the class folder each file sits in; files outside one are not scored."""
+    from .inputs import folder_label
+
+    index = {c: k for k, c in enumerate(classes)}
+    labels = {p: index[c] for p in paths if (c := folder_label(p, classes)) is not None}
+    if paths and not labels:
+        raise XrayError(f"--eval: no input is inside a folder named after a model class ({', '.join(classes)}); "
+                        "give class folders such as data/test")
+    if len(labels) < len(paths):
+        click.echo(f"warning: --eval: {len(paths) - len(labels)} of {len(paths)} files are not in a class folder; "
+                   "they are predicted but not scored", err=True)
+    return labels
+
+
+def eval_metrics(results, labels, classes):
+    import numpy as np
+
+    from xray.common.metrics import classification_metrics, metrics_markdown
+
+    scored = [(labels[r.path], int(np.argmax(r.probs))) for r in results
+              if r.probs is not None and r.path in labels]
+    if not scored:
+        return None, "--eval: no image could be scored\n"
+    y_true, y_pred = zip(*scored)
+    metrics = classification_metrics(y_true, y_pred, classes)
+    return metrics, metrics_markdown(metrics, title=f"Evaluation ({len(scored)} images)")
+
+
+if __name__ == "__main__":
+    main()

@@ -33,3 +33,65 @@ def synthetic_raw(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synthetic") / "raw"
     run_script("make_synthetic", "--out", out, "--per-class", 30, "--size", 96, "--seed", 1)
     return out
+
+
+EXPORT = [sys.executable, "-c", "from xray.export.cli import main; main()"]
+INFER = [sys.executable, "-c", "from xray.infer.cli import main; main(prog_name='xray-infer')"]
+QUICK = ["--threads", "2", "--latency-runs", "3"]  # xray-export options that keep tests fast
+
+
+def xray_export(*args, check=True):
+    return run_command(EXPORT + list(args), check=check)
+
+
+def xray_infer(*args, check=True, env=None, stdin=None):
+    """xray-infer in a subprocess (check=True asserts exit 0)."""
+    if stdin is None:
+        return run_command(INFER + list(args), check=check, env=env)
+    proc = subprocess.run([str(c) for c in INFER + list(args)], capture_output=True, text=True, input=stdin,
+                          env={**os.environ, **env} if env else None, timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="session")
+def run(tmp_path_factory, synthetic_raw):
+    """A tiny trained run (Lite0 at 64 px, phase A only) with its split, shared by export and infer tests."""
+    base = tmp_path_factory.mktemp("export")
+    run_script("split_dataset", "--raw", synthetic_raw, "--out", base / "data")
+    args = ["--data-dir", base / "data", "--output-dir", base, "--run-name", "lite", "--image-size", 64,
+            "--batch-size", 16, "--workers", 0, "--phases", "A", "--epochs-a", 3, "--lr-a", 3e-3]
+    run_command([sys.executable, ROOT / "train" / "main.py", *args])
+    return base / "lite"
+
+
+@pytest.fixture(scope="session")
+def exported(run):
+    """xray-export of `run` with a lenient gate (a 3-epoch model is not what the gate is about)."""
+    proc = xray_export(run, *QUICK, "--eval-split", "val", "--min-agreement", 0.5, "--max-accuracy-drop", 50)
+    return run / "export", proc
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tmp_path_factory):
+    """(fp32 ONNX path, its PyTorch model, classes): ImageNet Lite0 at 64 px with a sharpened random head,
+    exported through xray.export with our metadata, so probabilities vary between images."""
+    import torch
+
+    from xray.common.model_meta import ModelInfo
+    from xray.export.onnx_export import export_onnx, set_metadata
+    from xray.train.models import REGISTRY, build_model
+
+    torch.manual_seed(0)
+    classes = ["NORMAL", "PNEUMONIA", "TUBERCULOSIS"]
+    model = build_model("efficientnet_lite0", len(classes), pretrained=True).eval()
+    with torch.no_grad():
+        for name, p in model.head.named_parameters():
+            if name.endswith("weight"):
+                p.mul_(10)
+    spec = REGISTRY["efficientnet_lite0"].spec.with_size(64)
+    path = tmp_path_factory.mktemp("tiny_onnx") / "model.onnx"
+    export_onnx(model, spec, path)
+    set_metadata(path, ModelInfo(classes, spec, "efficientnet_lite0", precision="fp32").to_metadata())
+    return path, model, spec, classes

@@ -396,3 +396,11 @@ def test_dicom_max_pixels(rg1):
     with pytest.raises(ImageError) as ei:
         load_image(rg1, max_pixels=1000)
     _assert_image_error(ei, "too large")
+
+
+def test_library_errors_become_one_short_line():
+    from xray.common.imageio import _reason
+
+    assert _reason(ValueError("plugins failed:\n  pillow: bad marker\n  other: nope")) == \
+        "plugins failed: pillow: bad marker other: nope"
+    assert len(_reason(ValueError("x" * 1000))) == 200 and _reason(ValueError()) == "ValueError"

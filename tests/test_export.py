@@ -10,7 +10,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import ROOT, run_command, run_script
+from conftest import QUICK, ROOT, xray_export
 from PIL import Image
 
 from xray.common.artifacts import sha256_file
@@ -18,30 +18,6 @@ from xray.common.model_meta import ModelInfo
 from xray.export.onnx_export import export_onnx
 from xray.train.checkpoint import read_sidecar
 from xray.train.models import REGISTRY, build_model
-
-EXPORT = [sys.executable, "-c", "from xray.export.cli import main; main()"]
-QUICK = ["--threads", "2", "--latency-runs", "3"]
-
-
-def xray_export(*args, check=True):
-    return run_command(EXPORT + list(args), check=check)
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory, synthetic_raw):
-    base = tmp_path_factory.mktemp("export")
-    run_script("split_dataset", "--raw", synthetic_raw, "--out", base / "data")
-    args = ["--data-dir", base / "data", "--output-dir", base, "--run-name", "lite", "--image-size", 64,
-            "--batch-size", 16, "--workers", 0, "--phases", "A", "--epochs-a", 3, "--lr-a", 3e-3]
-    subprocess.run([sys.executable, str(ROOT / "train" / "main.py"), *map(str, args)], check=True, capture_output=True)
-    return base / "lite"
-
-
-@pytest.fixture(scope="module")
-def exported(run):
-    proc = xray_export(run, *QUICK, "--eval-split", "val", "--min-agreement", 0.5, "--max-accuracy-drop", 50)
-    return run / "export", proc
-
 
 def onnx_metadata(path):
     return {p.key: p.value for p in onnx.load(str(path)).metadata_props}

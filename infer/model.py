@@ -1,0 +1,93 @@
+"""Find the ONNX model, open it with onnxruntime, and check it describes itself (xray metadata).
+
+Which model (first match wins):
+  1. --model PATH
+  2. $XRAY_MODEL
+  3. the newest runs/*/export/ folder (by its model file's modification time) below the current
+     directory: its model.int8.onnx, else its model.onnx (an int8 model that failed export's
+     accuracy gate is written as model.int8.rejected.onnx and never picked).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from xray.common.errors import XrayError
+from xray.common.model_meta import ModelInfo
+
+ENV_VAR = "XRAY_MODEL"
+DEFAULT_GLOB = "runs/*/export"
+PREFERENCE = ("model.int8.onnx", "model.onnx")
+
+
+def resolve_model_path(option: str | None, cwd: Path | None = None) -> Path:
+    if option:
+        return Path(option)
+    if os.environ.get(ENV_VAR):
+        return Path(os.environ[ENV_VAR])
+    best = None
+    for folder in Path(cwd or ".").glob(DEFAULT_GLOB):
+        chosen = next((folder / n for n in PREFERENCE if (folder / n).is_file()), None)
+        if chosen and (best is None or chosen.stat().st_mtime > best.stat().st_mtime):
+            best = chosen
+    if best is None:
+        raise XrayError(f"no model: pass --model PATH, set ${ENV_VAR}, or run xray-export "
+                        f"(looked for {DEFAULT_GLOB}/{{{','.join(PREFERENCE)}}})")
+    return best
+
+
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+class EdgeModel:
+    """An xray-edge ONNX model: `predict(batch)` -> class probabilities (rows sum to 1)."""
+
+    def __init__(self, path: Path, threads: int = 0):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise XrayError(f"{self.path}: model file not found" if not self.path.exists()
+                            else f"{self.path}: model path is not a file")
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or cpu_count()
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3  # onnxruntime's own warnings are not the user's business
+        # decoding threads run beside inference: spinning intra-op threads would steal their cores
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        try:
+            self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own types for protobuf/graph problems
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise XrayError(f"{self.path}: not a usable ONNX model ({first_line[:200]})") from None
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.info = ModelInfo.from_metadata(meta, source=str(self.path))
+        self.input_name = self.session.get_inputs()[0].name
+        self._check_shapes()
+
+    def _check_shapes(self):
+        spec, n = self.info.spec, len(self.info.classes)
+        want_in = [None, spec.channels, spec.input_size, spec.input_size]
+        got_in = self.session.get_inputs()[0].shape
+        got_out = self.session.get_outputs()[0].shape
+        if len(got_in) != 4 or any(isinstance(g, int) and w is not None and g != w for g, w in zip(got_in, want_in)):
+            raise XrayError(f"{self.path}: model input shape {got_in} disagrees with its metadata "
+                            f"(N x {spec.channels} x {spec.input_size} x {spec.input_size})")
+        if len(got_out) != 2 or (isinstance(got_out[1], int) and got_out[1] != n):
+            raise XrayError(f"{self.path}: model output shape {got_out} disagrees with its {n} classes")
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        logits = self.session.run(None, {self.input_name: batch})[0]
+        return softmax(logits)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.asarray(logits, dtype=np.float64)
+    z = np.exp(z - z.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)

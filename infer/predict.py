@@ -1,0 +1,80 @@
+"""Files -> probabilities, in input order: a small thread pool decodes and preprocesses ahead while
+onnxruntime runs the current batch (PIL and onnxruntime both release the GIL).
+
+Decoding is `common`'s load_image + preprocess with the model's own image spec, JPEG draft included,
+exactly as training's eval transform and xray-export's verification do it.
+"""
+from __future__ import annotations
+
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from itertools import islice
+
+import numpy as np
+
+from xray.common.errors import ImageError
+from xray.common.image_spec import ImageSpec
+from xray.common.imageio import DEFAULT_MAX_PIXELS, load_image
+from xray.common.preprocess import preprocess
+
+from .model import EdgeModel
+
+
+@dataclass
+class Result:
+    path: str
+    probs: np.ndarray | None = None  # float64, sums to 1
+    error: str | None = None
+
+
+def prepare(path: str, spec: ImageSpec, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """One file -> the model's input array (C x H x W float32)."""
+    return preprocess(load_image(path, draft_size=spec.resize_size, max_pixels=max_pixels), spec)
+
+
+def _prepare_or_error(path, spec, max_pixels):
+    try:
+        return prepare(path, spec, max_pixels), None
+    except ImageError as e:
+        return None, str(e)
+
+
+def predict_files(model: EdgeModel, paths: list[str], batch_size: int = 16, workers: int = 2,
+                  max_pixels: int = DEFAULT_MAX_PIXELS):
+    """Yield a Result per path, in order. A file that cannot be decoded yields its error; the rest go on."""
+    spec = model.info.spec
+    if workers <= 0 or len(paths) == 1:  # one image: a pool only adds start-up time
+        for chunk in _chunks(paths, batch_size):
+            yield from _run(model, [(p, *_prepare_or_error(p, spec, max_pixels)) for p in chunk])
+        return
+    lookahead = batch_size + 2 * workers  # bounded: a folder of 100k files never sits in memory at once
+    with ThreadPoolExecutor(workers, thread_name_prefix="xray-decode") as pool:
+        todo = iter(paths)
+        pending = deque((p, pool.submit(_prepare_or_error, p, spec, max_pixels)) for p in islice(todo, lookahead))
+        batch = []
+        while pending:
+            path, future = pending.popleft()
+            nxt = next(todo, None)
+            if nxt is not None:
+                pending.append((nxt, pool.submit(_prepare_or_error, nxt, spec, max_pixels)))
+            batch.append((path, *future.result()))
+            if len(batch) == batch_size:
+                yield from _run(model, batch)
+                batch = []
+        if batch:
+            yield from _run(model, batch)
+
+
+def _chunks(paths, n):
+    for i in range(0, len(paths), n):
+        yield paths[i:i + n]
+
+
+def _run(model: EdgeModel, batch):
+    """batch: [(path, array | None, error | None)] -> Results in the same order."""
+    ok = [i for i, (_, arr, _) in enumerate(batch) if arr is not None]
+    probs = model.predict(np.stack([batch[i][1] for i in ok])) if ok else []
+    by_index = dict(zip(ok, probs))
+    for i, (path, _, error) in enumerate(batch):
+        yield Result(path, by_index.get(i), error)
