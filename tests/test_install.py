@@ -1,14 +1,17 @@
 """Packaging: one `xray` import package, the edge wheel works in a venv without torch."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import venv
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import ROOT
+from PIL import Image
 
 EDGE_WHEELS = Path(sys.prefix) / "edge-wheels"  # filled by `make install` (pip download), keeps this offline
 
@@ -28,7 +31,7 @@ def test_editable_install_maps_folders_under_xray():
 
 
 @pytest.mark.slow
-def test_edge_wheel_imports_without_torch(tmp_path):
+def test_edge_wheel_imports_without_torch(tmp_path, tiny_onnx):
     assert EDGE_WHEELS.is_dir(), "run `make install` first: it downloads the edge wheels this test installs offline"
     dist = tmp_path / "dist"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
@@ -55,3 +58,11 @@ def test_edge_wheel_imports_without_torch(tmp_path):
     assert out.returncode == 0 and "edge ok" in out.stdout, out.stderr
     cli = subprocess.run([str(env_dir / "bin" / "xray-infer"), "--help"], capture_output=True, text=True)
     assert cli.returncode == 0 and "Usage" in cli.stdout
+    # a real prediction on the edge install: the model file and an image are all it needs
+    image = tmp_path / "cxr.png"
+    Image.fromarray((np.indices((300, 260)).sum(axis=0) % 256).astype(np.uint8), "L").save(image)
+    cli = subprocess.run([str(env_dir / "bin" / "xray-infer"), "--model", str(tiny_onnx[0]), str(image),
+                          "--format", "json"], capture_output=True, text=True)
+    assert cli.returncode == 0, cli.stderr
+    pred = json.loads(cli.stdout)["predictions"][0]
+    assert pred["prediction"] in tiny_onnx[3] and abs(sum(pred["probabilities"].values()) - 1) < 1e-9
