@@ -1,11 +1,12 @@
 # make test: creates/reuses .venv, installs the project with every extra, runs the tests.
+# make demo: the same install, then the pipeline end to end (scripts/demo.py).
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: test install clean
+.PHONY: test install demo clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +19,10 @@ $(STAMP): pyproject.toml Makefile | $(PY)
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# make demo: the whole pipeline offline (synthetic data unless data/raw has images); FRESH=1 redoes every step
+demo: $(STAMP)
+	$(PY) scripts/demo.py $(if $(FRESH),--fresh,) $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 $(PYTEST_ARGS)

@@ -6,6 +6,8 @@
 
 Measured in one run, on this machine, with the project's own code:
 
+- xray-infer runs from an edge venv built for the bench (the project wheel + onnxruntime, numpy,
+  pillow, click; no torch, no editable-install import hook), as it is installed on a clinic PC.
 - cold single image: `xray-infer --model M one.jpeg --format json` as a new process each time (Python
   start, imports, session creation, decode, predict, print), median of --repeats; peak RSS of that
   process from os.wait4. The torch CLI does the same job: import torch, xray.train.checkpoint
@@ -36,7 +38,6 @@ import numpy as np
 from xray.common.imageio import image_size
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 
 TORCH_ONE = """
 import sys, torch
@@ -91,6 +92,25 @@ def rss_and_wall(cmd) -> tuple[float, float, str]:
     return wall, usage.ru_maxrss / 1024, out.decode()
 
 
+def edge_venv(folder: Path) -> Path:
+    """A venv holding only the edge install (the xray-edge wheel + onnxruntime, numpy, pillow, click; no
+    torch), as on a clinic PC; built once, offline, from the wheels `make install` downloaded."""
+    cli = folder / "bin" / "xray-infer"
+    if cli.exists():
+        return cli
+    import venv
+
+    wheels = Path(sys.prefix) / "edge-wheels"
+    dist = folder.parent / "edge-dist"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", dist,
+                    ROOT], check=True)
+    venv.EnvBuilder(with_pip=True).create(folder)
+    pip = [folder / "bin" / "python", "-m", "pip", "install", "--quiet", "--no-index", "--find-links", wheels]
+    subprocess.run(pip + ["onnxruntime", "numpy", "pillow", "click"], check=True)
+    subprocess.run(pip + ["--no-deps", "--force-reinstall", *dist.glob("xray_edge-*.whl")], check=True)
+    return cli
+
+
 def generated_jpegs(folder: Path, n: int) -> list[Path]:
     if len(list(folder.glob("*/*.jpeg"))) < n:
         per_class = -(-n // 3)
@@ -142,7 +162,7 @@ def main(run_dir, images, repeats, threads, work_dir, json_out):
     files = generated_jpegs(work / "jpegs", images)
     mp = [w * h / 1e6 for w, h in (image_size(f) for f in files)]
     one = files[0]
-    infer = BIN / "xray-infer"
+    infer = edge_venv(work / "edge-venv")
 
     commands = {name: [infer, "--model", m, one, "--format", "json", "--threads", threads]
                 for name, m in models.items()}
