@@ -474,3 +474,21 @@ def test_exported_int8_model_on_the_edge_matches_the_export_report(exported):
         m = doc["metrics"]
         assert m["num_samples"] == report["eval"]["images"]
         assert abs(m["accuracy"] - report["metrics"][key]["accuracy"]) <= 1 / m["num_samples"] + 1e-9, name
+
+
+def test_closed_pipe_is_not_a_traceback(tiny_onnx, mode_files, tmp_path):
+    """`xray-infer folder | head -1`: the reader leaves early; xray-infer stops quietly (click handles EPIPE)."""
+    many = tmp_path / "many"
+    many.mkdir()
+    small = many / "img000.png"
+    Image.open(mode_files["png8"]).resize((64, 64)).save(small)
+    for i in range(1, 600):  # ~150 kB of jsonl: more than a pipe buffers, so a write hits the closed pipe
+        os.link(small, many / f"img{i:03d}.png")
+    cmd = [*INFER, "-m", tiny_onnx[0], many, "-f", "jsonl"]
+    proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = proc.stdout.readline()
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 1
+    assert json.loads(first)["file"] == str(small)
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
