@@ -1,0 +1,1 @@
+"""Evaluation and failure-mode analysis (xray-eval): the same numbers from a checkpoint or an ONNX model."""

@@ -1,0 +1,73 @@
+"""The numbers of an evaluation: metrics, calibration (ECE), failure modes and hard examples."""
+from __future__ import annotations
+
+import numpy as np
+
+from xray.common.metrics import classification_metrics, log_loss, roc_auc_ovr
+
+HARD_COLUMNS = ("path", "true", "predicted", "probability", "true_probability", "margin", "reason")
+
+
+def expected_calibration_error(probs, labels, bins: int = 15) -> tuple[float, list[dict]]:
+    """ECE of the top-1 confidence over equal-width bins, and the bins (for the reliability diagram)."""
+    p = np.asarray(probs)
+    conf, pred = p.max(axis=1), p.argmax(axis=1)
+    correct = pred == np.asarray(labels)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    table, ece = [], 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        inside = (conf > lo) & (conf <= hi) if lo > 0 else (conf >= lo) & (conf <= hi)
+        n = int(inside.sum())
+        acc = float(correct[inside].mean()) if n else None
+        mean_conf = float(conf[inside].mean()) if n else None
+        if n:
+            ece += n / len(conf) * abs(acc - mean_conf)
+        table.append({"low": float(lo), "high": float(hi), "count": n, "accuracy": acc, "confidence": mean_conf})
+    return float(ece), table
+
+
+def evaluate(probs, labels, classes) -> dict:
+    from sklearn.metrics import average_precision_score
+
+    probs, labels = np.asarray(probs), np.asarray(labels)
+    m = classification_metrics(labels, probs.argmax(axis=1), classes)
+    m["loss"] = log_loss(labels, probs)
+    m["roc_auc_ovr"] = roc_auc_ovr(labels, probs, classes)
+    m["average_precision"] = {c: (float(average_precision_score(labels == i, probs[:, i]))
+                                  if 0 < (labels == i).sum() < len(labels) else None) for i, c in enumerate(classes)}
+    m["ece"], m["reliability"] = expected_calibration_error(probs, labels)
+    return m
+
+
+def margins(probs) -> np.ndarray:
+    top2 = np.sort(np.asarray(probs), axis=1)[:, -2:]
+    return top2[:, 1] - top2[:, 0]
+
+
+def failures(files, probs, labels, classes, per_pair: int = 8) -> dict[tuple[str, str], list[dict]]:
+    """The most confident wrong predictions for each (true, predicted) pair, most confident first."""
+    probs, labels = np.asarray(probs), np.asarray(labels)
+    pred = probs.argmax(axis=1)
+    out = {}
+    for t in range(len(classes)):
+        for q in range(len(classes)):
+            idx = np.flatnonzero((labels == t) & (pred == q)) if t != q else []
+            if len(idx):
+                idx = idx[np.argsort(-probs[idx, q], kind="stable")][:per_pair]
+                out[(classes[t], classes[q])] = [{"path": files[i], "probability": float(probs[i, q])} for i in idx]
+    return out
+
+
+def hard_examples(files, probs, labels, classes, low_margin: float = 0.2) -> list[dict]:
+    """Every misclassified or low-margin (top-1 minus top-2 probability below `low_margin`) file,
+    hardest first: the input for hard-example mining."""
+    probs, labels = np.asarray(probs), np.asarray(labels)
+    pred, margin = probs.argmax(axis=1), margins(probs)
+    rows = []
+    for i in np.argsort(probs[np.arange(len(labels)), labels], kind="stable"):
+        wrong, low = pred[i] != labels[i], margin[i] < low_margin
+        if wrong or low:
+            rows.append({"path": files[i], "true": classes[labels[i]], "predicted": classes[pred[i]],
+                         "probability": f"{probs[i, pred[i]]:.6f}", "true_probability": f"{probs[i, labels[i]]:.6f}",
+                         "margin": f"{margin[i]:.6f}", "reason": "misclassified" if wrong else "low_margin"})
+    return rows

@@ -1,0 +1,70 @@
+"""Class probabilities over a list of files from a PyTorch checkpoint or an exported ONNX model.
+
+Both go through xray.infer.predict.prepare (the one decode + preprocess), so a difference between
+backends is the model's, never the input pipeline's.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from xray.common.errors import XrayError
+from xray.common.image_spec import ImageSpec
+from xray.infer.predict import prepare
+
+
+@dataclass
+class LoadedModel:
+    kind: str  # "pytorch" | "onnx"
+    path: Path
+    name: str
+    classes: list[str]
+    spec: ImageSpec
+    predict_logits: object  # float32 N x C x H x W -> N x classes logits
+
+
+def load_model(path: str | Path, threads: int = 0) -> LoadedModel:
+    p = Path(path)
+    if p.suffix == ".onnx":
+        from xray.infer.model import EdgeModel
+
+        edge = EdgeModel(p, threads)
+        run = lambda x: edge.session.run(None, {edge.input_name: x})[0]  # noqa: E731
+        return LoadedModel("onnx", p, edge.info.model_name, edge.info.classes, edge.info.spec, run)
+    if p.is_dir() and not (p / "best.safetensors").is_file():
+        raise XrayError(f"{p}: no best.safetensors in this folder (give a run folder, a .safetensors or a .onnx)")
+    if not p.exists():
+        raise XrayError(f"{p}: no such model (give a run folder, a .safetensors checkpoint or a .onnx model)")
+    try:
+        import torch
+
+        from xray.train.checkpoint import load_checkpoint
+    except ImportError:
+        raise XrayError("evaluating a PyTorch checkpoint needs the training extra: pip install 'xray-edge[train]' "
+                        "(or evaluate the exported .onnx)") from None
+    model, meta = load_checkpoint(p)
+    model.eval()
+    if threads:
+        torch.set_num_threads(threads)
+
+    def run(x):
+        with torch.no_grad():
+            return model(torch.from_numpy(x)).numpy()
+
+    ckpt = p / "best.safetensors" if p.is_dir() else p
+    return LoadedModel("pytorch", ckpt, meta["model_name"], meta["classes"], meta["image_spec"], run)
+
+
+def predict_probs(model: LoadedModel, files: list[str], batch_size: int = 32, progress=None) -> np.ndarray:
+    """N x classes float64 softmax probabilities, in file order."""
+    out = []
+    for i in range(0, len(files), batch_size):
+        x = np.stack([prepare(f, model.spec) for f in files[i:i + batch_size]])
+        out.append(np.asarray(model.predict_logits(x), dtype=np.float64))
+        if progress is not None:
+            progress.update(len(x))
+    z = np.concatenate(out)
+    z = np.exp(z - z.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)

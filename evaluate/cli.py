@@ -1,0 +1,63 @@
+"""xray-eval: evaluate a checkpoint or an ONNX model on a class-folder split; metrics, plots, failure modes."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from xray.common.errors import XrayError, exit_on_user_error
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("model", metavar="MODEL")
+@click.argument("data", metavar="DATA", type=click.Path(file_okay=False))
+@click.option("--output-dir", type=click.Path(file_okay=False),
+              help="Default: report/ next to the model (runs/<run>/report, runs/<run>/export/report).")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1))
+@click.option("--threads", default=0, show_default=True, type=click.IntRange(0), help="0: all cores.")
+@click.option("--low-margin", default=0.2, show_default=True, type=click.FloatRange(0, 1),
+              help="hard_examples.csv also lists correct images whose top-1 minus top-2 probability is below this.")
+@click.option("--per-pair", default=6, show_default=True, type=click.IntRange(1),
+              help="Most confident failures shown per (true, predicted) pair.")
+@exit_on_user_error
+def main(model, data, output_dir, batch_size, threads, low_margin, per_pair):
+    """Evaluate MODEL (a run folder, a .safetensors checkpoint or an exported .onnx) on DATA, a split of
+    class folders (e.g. data/test). Writes metrics.json, report.md, hard_examples.csv and PNG plots."""
+    import numpy as np
+    from tqdm import tqdm
+
+    from xray.train.data import scan_split
+
+    from . import plots
+    from .analysis import evaluate, failures, hard_examples
+    from .backends import load_model, predict_probs
+    from .report import write_report
+
+    loaded = load_model(model, threads)
+    data_dir = Path(data)
+    _, samples = scan_split(data_dir, loaded.classes)
+    files, labels = [s[0] for s in samples], np.array([s[1] for s in samples])
+    out = Path(output_dir) if output_dir else loaded.path.parent / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    with tqdm(total=len(files), desc=f"evaluating ({loaded.kind})", unit="img", file=sys.stderr,
+              disable=not sys.stderr.isatty()) as bar:
+        probs = predict_probs(loaded, files, batch_size, bar)
+    m = evaluate(probs, labels, loaded.classes)
+    fails = failures(files, probs, labels, loaded.classes, per_pair)
+    hard = hard_examples(files, probs, labels, loaded.classes, low_margin)
+    drawn = {"confusion_matrix.png": lambda p: plots.confusion_matrices(m["confusion_matrix"], loaded.classes, p),
+             "roc_pr.png": lambda p: plots.roc_pr_curves(probs, labels, loaded.classes, m["average_precision"], p),
+             "reliability.png": lambda p: plots.reliability_diagram(m["reliability"], m["ece"], p),
+             "probability_histograms.png": lambda p: plots.probability_histograms(probs, labels, loaded.classes, p),
+             "failures.png": lambda p: plots.failure_sheet(fails, p)}
+    for name, draw in drawn.items():
+        draw(out / name)
+    np.savez_compressed(out / "probabilities.npz", probs=probs, labels=labels, files=np.array(files))
+    text = write_report(out, m, loaded, data_dir, fails, hard, list(drawn))
+    click.echo(text)
+    click.echo(f"report: {out / 'report.md'}", err=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""The evaluation's PNGs: confusion matrices, ROC and precision-recall curves, reliability diagram,
+per-class probability histograms, and a contact sheet of the most confident failures."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from xray.common.artifacts import atomic_path
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path):
+    plt = _plt()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+
+
+def confusion_matrices(cm, classes, path: Path):
+    """Counts and row-normalised (recall per true class) side by side; rows true, columns predicted."""
+    plt = _plt()
+    cm = np.asarray(cm)
+    rows = cm.sum(axis=1, keepdims=True)
+    norm = np.divide(cm, rows, out=np.zeros(cm.shape), where=rows > 0)
+    k = len(classes)
+    fig, axes = plt.subplots(1, 2, figsize=(3.2 * k + 3, 1.4 * k + 2))
+    for ax, data, title, fmt in ((axes[0], cm, "counts", "{:d}"), (axes[1], norm, "row-normalised", "{:.2f}")):
+        ax.imshow(data, cmap="Blues", vmin=0)
+        ax.set_xticks(range(k), classes, rotation=30, ha="right")
+        ax.set_yticks(range(k), classes)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(title)
+        top = data.max() if data.size else 0
+        for i in range(k):
+            for j in range(k):
+                v = int(data[i, j]) if fmt == "{:d}" else float(data[i, j])
+                ax.text(j, i, fmt.format(v), ha="center", va="center", color="white" if data[i, j] > top / 2 else "black")
+    _save(fig, path)
+
+
+def roc_pr_curves(probs, labels, classes, average_precision: dict, path: Path):
+    from sklearn.metrics import auc, precision_recall_curve, roc_curve
+
+    plt = _plt()
+    fig, (roc_ax, pr_ax) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for i, c in enumerate(classes):
+        positive = np.asarray(labels) == i
+        if positive.all() or not positive.any():
+            continue
+        fpr, tpr, _ = roc_curve(positive, probs[:, i])
+        roc_ax.plot(fpr, tpr, label=f"{c} (AUC {auc(fpr, tpr):.3f})")
+        precision, recall, _ = precision_recall_curve(positive, probs[:, i])
+        pr_ax.plot(recall, precision, label=f"{c} (AP {average_precision[c]:.3f})")
+    roc_ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1)
+    roc_ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC, one vs rest")
+    pr_ax.set(xlabel="recall", ylabel="precision", title="precision-recall, one vs rest", ylim=(0, 1.02))
+    roc_ax.legend(loc="lower right")
+    pr_ax.legend(loc="lower left")
+    _save(fig, path)
+
+
+def reliability_diagram(bins, ece: float, path: Path):
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 5))
+    width = bins[0]["high"] - bins[0]["low"]
+    used = [b for b in bins if b["count"]]
+    x = [(b["low"] + b["high"]) / 2 for b in used]
+    acc, conf = [b["accuracy"] for b in used], [b["confidence"] for b in used]
+    ax.bar(x, acc, width=width * 0.95, color="tab:blue", alpha=0.8, label="accuracy")
+    ax.bar(x, [abs(c - a) for a, c in zip(acc, conf)], bottom=[min(a, c) for a, c in zip(acc, conf)],
+           width=width * 0.95, fill=False, edgecolor="tab:red", hatch="//", label="gap to mean confidence")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1)
+    ax.set(xlabel="confidence (top-1 probability)", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1),
+           title=f"reliability (ECE {ece:.3f})")
+    ax.legend(loc="upper left")
+    _save(fig, path)
+
+
+def probability_histograms(probs, labels, classes, path: Path):
+    """For each class: its predicted probability on images of that class vs on the others."""
+    plt = _plt()
+    k = len(classes)
+    fig, axes = plt.subplots(1, k, figsize=(3.6 * k, 3.2), squeeze=False)
+    edges = np.linspace(0, 1, 21)
+    for i, (ax, c) in enumerate(zip(axes[0], classes)):
+        positive = np.asarray(labels) == i
+        ax.hist(probs[positive, i], bins=edges, alpha=0.7, label=f"true {c}")
+        ax.hist(probs[~positive, i], bins=edges, alpha=0.7, label="other classes")
+        ax.set(title=f"P({c})", xlabel="probability", ylabel="images")
+        ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def failure_sheet(failures: dict, path: Path, thumb: int = 160, per_row: int = 6):
+    """Thumbnails of the most confident wrong predictions, captioned true -> predicted (probability)."""
+    from xray.common.imageio import load_image
+
+    plt = _plt()
+    items = [(t, q, f) for (t, q), fs in failures.items() for f in fs]
+    if not items:
+        fig, ax = plt.subplots(figsize=(4, 1.5))
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no misclassified images", ha="center", va="center")
+        _save(fig, path)
+        return
+    rows = -(-len(items) // per_row)
+    cols = min(per_row, len(items))
+    fig, axes = plt.subplots(rows, cols, figsize=(2.1 * cols, 2.4 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (t, q, f) in zip(axes.flat, items):
+        img = load_image(f["path"], draft_size=thumb)
+        img.thumbnail((thumb, thumb))
+        ax.imshow(np.asarray(img), cmap="gray", vmin=0, vmax=255)
+        ax.set_title(f"{t} → {q}\np={f['probability']:.2f}  {Path(f['path']).name[:18]}", fontsize=7)
+    _save(fig, path)

@@ -1,0 +1,40 @@
+"""report.md and metrics.json of an evaluation, from the same numbers."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from xray.common.artifacts import write_csv_atomic, write_json_atomic, write_text_atomic
+from xray.common.metrics import metrics_markdown
+
+from .analysis import HARD_COLUMNS
+
+
+def write_report(out: Path, m: dict, model, data_dir: Path, failures: dict, hard: list[dict], plots: list[str]) -> str:
+    write_json_atomic(out / "metrics.json", {**m, "model": {"kind": model.kind, "path": str(model.path),
+                                                           "model_name": model.name}, "data": str(data_dir),
+                                             "failures": {f"{t}->{q}": v for (t, q), v in failures.items()}})
+    write_csv_atomic(out / "hard_examples.csv", HARD_COLUMNS, hard)
+    auc, ap = m["roc_auc_ovr"], m["average_precision"]
+    lines = [f"# Evaluation — {model.name} ({model.kind}: `{model.path}`) on `{data_dir}`", "",
+             metrics_markdown(m, title="Metrics").rstrip(), "",
+             "| Class | ROC-AUC (one vs rest) | Average precision |", "|---|---|---|"]
+    lines += [f"| {c} | {_f(auc['per_class'][c])} | {_f(ap[c])} |" for c in m["classes"]]
+    lines += ["", f"Macro ROC-AUC {_f(auc['macro'])}. Expected calibration error (15 bins, top-1 confidence): "
+                  f"{m['ece']:.4f}.", "", "## Failure modes", ""]
+    if failures:
+        lines += ["Most confident wrong predictions per confusion pair (`failures.png`):", "",
+                  "| true → predicted | images | most confident (p) |", "|---|---|---|"]
+        cm, idx = m["confusion_matrix"], {c: i for i, c in enumerate(m["classes"])}
+        for (t, q), fs in failures.items():
+            lines.append(f"| {t} → {q} | {cm[idx[t]][idx[q]]} | `{Path(fs[0]['path']).name}` ({fs[0]['probability']:.3f}) |")
+    else:
+        lines.append("No misclassified images.")
+    lines += ["", f"`hard_examples.csv`: {len(hard)} misclassified or low-margin images (hard-example mining input).",
+              "", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
+    text = "\n".join(lines) + "\n"
+    write_text_atomic(out / "report.md", text)
+    return text
+
+
+def _f(v) -> str:
+    return "n/a" if v is None else f"{v:.4f}"

@@ -1,0 +1,119 @@
+"""xray-eval: metrics against scikit-learn, PyTorch vs ONNX agreement, plots, failure modes, bad input."""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import sys
+
+import numpy as np
+import pytest
+from conftest import run_command
+from PIL import Image
+from sklearn import metrics as skm
+
+from xray.evaluate.analysis import expected_calibration_error, failures, hard_examples
+
+EVAL = [sys.executable, "-c", "from xray.evaluate.cli import main; main(prog_name='xray-eval')"]
+
+
+def xray_eval(*args, check=True):
+    return run_command(EVAL + list(args), check=check)
+
+
+@pytest.fixture(scope="module")
+def evaluated(run, exported, tmp_path_factory):
+    """The tiny run evaluated on its test split from the checkpoint and from the fp32 ONNX model."""
+    base = tmp_path_factory.mktemp("eval")
+    test = run.parent / "data" / "test"
+    xray_eval(run, test, "--output-dir", base / "pt")
+    xray_eval(exported[0] / "model.onnx", test, "--output-dir", base / "onnx")
+    return base, test
+
+
+def load(out):
+    z = np.load(out / "probabilities.npz")
+    return json.loads((out / "metrics.json").read_text()), z["probs"], z["labels"], list(z["files"])
+
+
+def test_metrics_match_scikit_learn(evaluated):
+    m, probs, labels, _ = load(evaluated[0] / "pt")
+    pred = probs.argmax(axis=1)
+    assert m["accuracy"] == pytest.approx(skm.accuracy_score(labels, pred))
+    assert m["macro_f1"] == pytest.approx(skm.f1_score(labels, pred, average="macro"))
+    assert m["weighted_f1"] == pytest.approx(skm.f1_score(labels, pred, average="weighted"))
+    assert m["loss"] == pytest.approx(skm.log_loss(labels, probs, labels=[0, 1, 2]), rel=1e-6)
+    assert m["confusion_matrix"] == skm.confusion_matrix(labels, pred, labels=[0, 1, 2]).tolist()
+    assert m["roc_auc_ovr"]["macro"] == pytest.approx(skm.roc_auc_score(labels, probs, multi_class="ovr"))
+    for i, c in enumerate(m["classes"]):
+        assert m["per_class"][c]["recall"] == pytest.approx(skm.recall_score(labels, pred, labels=[i], average="macro"))
+        assert m["average_precision"][c] == pytest.approx(skm.average_precision_score(labels == i, probs[:, i]))
+    assert 0 <= m["ece"] <= 1 and sum(b["count"] for b in m["reliability"]) == len(labels)
+
+
+def test_pytorch_and_onnx_give_the_same_numbers(evaluated):
+    pt, p_pt, y_pt, f_pt = load(evaluated[0] / "pt")
+    ox, p_ox, y_ox, f_ox = load(evaluated[0] / "onnx")
+    assert f_pt == f_ox and (y_pt == y_ox).all()
+    assert np.abs(p_pt - p_ox).max() <= 1e-4
+    assert pt["accuracy"] == ox["accuracy"] and pt["confusion_matrix"] == ox["confusion_matrix"]
+    assert pt["model"]["kind"] == "pytorch" and ox["model"]["kind"] == "onnx"
+
+
+def test_report_plots_and_hard_examples(evaluated):
+    out = evaluated[0] / "pt"
+    for name in ("confusion_matrix.png", "roc_pr.png", "reliability.png", "probability_histograms.png", "failures.png"):
+        img = Image.open(out / name)
+        assert img.format == "PNG" and img.width >= 300 and img.height >= 100, name
+        assert np.asarray(img.convert("L")).std() > 5, f"{name} is blank"
+    m, probs, labels, files = load(out)
+    rows = list(csv.DictReader(open(out / "hard_examples.csv")))
+    wrong = int((probs.argmax(axis=1) != labels).sum())
+    assert sum(r["reason"] == "misclassified" for r in rows) == wrong
+    report = (out / "report.md").read_text()
+    assert "Confusion matrix" in report and "Failure modes" in report and "Expected calibration error" in report
+
+
+def test_ece_and_reliability_bins():
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    calibrated = np.array([[0.75, 0.25]] * 4 + [[0.25, 0.75]] * 4)  # 75 % confident...
+    labels_75 = np.array([0, 0, 0, 1, 1, 1, 1, 0])  # ...and right 3 times in 4
+    assert expected_calibration_error(calibrated, labels_75, bins=10)[0] == pytest.approx(0.0)
+    overconfident = np.array([[0.99, 0.01]] * 4 + [[0.01, 0.99]] * 4)
+    ece, bins = expected_calibration_error(overconfident, labels_75, bins=10)
+    assert ece == pytest.approx(0.99 - 0.75)
+    assert bins[-1]["count"] == 8 and bins[-1]["accuracy"] == pytest.approx(0.75)
+    assert expected_calibration_error(overconfident, labels, bins=10)[0] == pytest.approx(0.01)
+
+
+def test_failures_and_hard_examples_order():
+    classes = ["NORMAL", "PNEUMONIA", "TUBERCULOSIS"]
+    files = ["a", "b", "c", "d", "e"]
+    probs = np.array([[0.1, 0.8, 0.1], [0.3, 0.6, 0.1], [0.9, 0.05, 0.05], [0.45, 0.4, 0.15], [0.2, 0.1, 0.7]])
+    labels = np.array([0, 0, 0, 0, 1])
+    f = failures(files, probs, labels, classes)
+    assert list(f) == [("NORMAL", "PNEUMONIA"), ("PNEUMONIA", "TUBERCULOSIS")]
+    assert [x["path"] for x in f[("NORMAL", "PNEUMONIA")]] == ["a", "b"]  # most confident first
+    rows = hard_examples(files, probs, labels, classes, low_margin=0.2)
+    # hardest first: lowest probability of the true class (a and e tie at 0.1: file order)
+    assert [(r["path"], r["reason"]) for r in rows] == [("a", "misclassified"), ("e", "misclassified"),
+                                                        ("b", "misclassified"), ("d", "low_margin")]
+
+
+def test_bad_input(run, tmp_path):
+    test = run.parent / "data" / "test"
+
+    def fails(*args, message):
+        proc = xray_eval(*args, check=False)
+        assert proc.returncode == 2, proc.stderr[-1500:]
+        assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-1500:]
+
+    fails(tmp_path / "nope", test, message="no such model")
+    fails(run, tmp_path / "missing", message="no such split folder")
+    empty = tmp_path / "empty"
+    shutil.copytree(test, empty)
+    for f in (empty / "NORMAL").iterdir():
+        f.unlink()
+    fails(run, empty, message="no images")
+    (empty / "COVID").mkdir()
+    fails(run, empty, message="classes differ")
