@@ -23,6 +23,7 @@ class LoadedModel:
     classes: list[str]
     spec: ImageSpec
     predict_logits: object  # float32 N x C x H x W -> N x classes logits
+    temperature: float = 1.0  # a checkpoint's fitted temperature (an ONNX model has it in its graph)
 
 
 def load_model(path: str | Path, threads: int = 0) -> LoadedModel:
@@ -54,17 +55,16 @@ def load_model(path: str | Path, threads: int = 0) -> LoadedModel:
             return model(torch.from_numpy(x)).numpy()
 
     ckpt = p / "best.safetensors" if p.is_dir() else p
-    return LoadedModel("pytorch", ckpt, meta["model_name"], meta["classes"], meta["image_spec"], run)
+    return LoadedModel("pytorch", ckpt, meta["model_name"], meta["classes"], meta["image_spec"], run,
+                       float(meta.get("temperature") or 1.0))
 
 
-def predict_probs(model: LoadedModel, files: list[str], batch_size: int = 32, progress=None) -> np.ndarray:
-    """N x classes float64 softmax probabilities, in file order."""
+def predict_logits(model: LoadedModel, files: list[str], batch_size: int = 32, progress=None) -> np.ndarray:
+    """N x classes float64 logits (before any temperature), in file order."""
     out = []
     for i in range(0, len(files), batch_size):
         x = np.stack([prepare(f, model.spec) for f in files[i:i + batch_size]])
         out.append(np.asarray(model.predict_logits(x), dtype=np.float64))
         if progress is not None:
             progress.update(len(x))
-    z = np.concatenate(out)
-    z = np.exp(z - z.max(axis=1, keepdims=True))
-    return z / z.sum(axis=1, keepdims=True)
+    return np.concatenate(out)

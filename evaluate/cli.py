@@ -20,8 +20,12 @@ from xray.common.errors import XrayError, exit_on_user_error
               help="hard_examples.csv also lists correct images whose top-1 minus top-2 probability is below this.")
 @click.option("--per-pair", default=6, show_default=True, type=click.IntRange(1),
               help="Most confident failures shown per (true, predicted) pair.")
+@click.option("--calibrate", is_flag=True,
+              help="Fit temperature scaling on the val split and store T in the checkpoint sidecar "
+                   "(xray-export then bakes it into the ONNX graph); the report shows NLL and ECE before/after.")
+@click.option("--val-data", type=click.Path(file_okay=False), help="Split for --calibrate (default: DATA/../val).")
 @exit_on_user_error
-def main(model, data, output_dir, batch_size, threads, low_margin, per_pair):
+def main(model, data, output_dir, batch_size, threads, low_margin, per_pair, calibrate, val_data):
     """Evaluate MODEL (a run folder, a .safetensors checkpoint or an exported .onnx) on DATA, a split of
     class folders (e.g. data/test). Writes metrics.json, report.md, hard_examples.csv and PNG plots."""
     import numpy as np
@@ -31,7 +35,8 @@ def main(model, data, output_dir, batch_size, threads, low_margin, per_pair):
 
     from . import plots
     from .analysis import evaluate, failures, hard_examples
-    from .backends import load_model, predict_probs
+    from .backends import load_model, predict_logits
+    from .calibration import softmax
     from .report import write_report
 
     loaded = load_model(model, threads)
@@ -42,8 +47,16 @@ def main(model, data, output_dir, batch_size, threads, low_margin, per_pair):
     out.mkdir(parents=True, exist_ok=True)
     with tqdm(total=len(files), desc=f"evaluating ({loaded.kind})", unit="img", file=sys.stderr,
               disable=not sys.stderr.isatty()) as bar:
-        probs = predict_probs(loaded, files, batch_size, bar)
+        logits = predict_logits(loaded, files, batch_size, bar)
+    calibration = None
+    if calibrate:
+        calibration = fit_and_store_temperature(loaded, Path(val_data) if val_data else data_dir.parent / "val",
+                                                logits, labels, batch_size)
+    probs = softmax(logits, loaded.temperature)
     m = evaluate(probs, labels, loaded.classes)
+    m["temperature"] = loaded.temperature
+    if calibration:
+        m["calibration"] = calibration
     fails = failures(files, probs, labels, loaded.classes, per_pair)
     hard = hard_examples(files, probs, labels, loaded.classes, low_margin)
     drawn = {"confusion_matrix.png": lambda p: plots.confusion_matrices(m["confusion_matrix"], loaded.classes, p),
@@ -57,6 +70,40 @@ def main(model, data, output_dir, batch_size, threads, low_margin, per_pair):
     text = write_report(out, m, loaded, data_dir, fails, hard, list(drawn))
     click.echo(text)
     click.echo(f"report: {out / 'report.md'}", err=True)
+
+
+def fit_and_store_temperature(loaded, val_dir: Path, logits, labels, batch_size: int) -> dict:
+    """Fit T on val, record it in the checkpoint sidecar, and measure NLL / ECE before and after."""
+    import numpy as np
+
+    from xray.common.metrics import log_loss
+    from xray.train.checkpoint import set_temperature
+    from xray.train.data import scan_split
+
+    from .analysis import expected_calibration_error
+    from .backends import predict_logits
+    from .calibration import fit_temperature, softmax
+
+    if loaded.kind != "pytorch":
+        raise XrayError("--calibrate needs the PyTorch checkpoint (run folder or .safetensors): the temperature is "
+                        "stored in its sidecar and xray-export bakes it into the ONNX graph")
+    _, val = scan_split(val_dir, loaded.classes)
+    val_labels = np.array([label for _, label in val])
+    val_logits = predict_logits(loaded, [path for path, _ in val], batch_size)
+    t = fit_temperature(val_logits, val_labels)
+
+    def quality(z, y, temperature):
+        p = softmax(z, temperature)
+        return {"nll": log_loss(y, p), "ece": expected_calibration_error(p, y)[0]}
+
+    result = {"val_split": str(val_dir), "temperature": t, "previous_temperature": loaded.temperature,
+              "val": {"before": quality(val_logits, val_labels, 1.0), "after": quality(val_logits, val_labels, t)},
+              "eval": {"before": quality(logits, labels, 1.0), "after": quality(logits, labels, t)}}
+    set_temperature(loaded.path, t)
+    loaded.temperature = t
+    click.echo(f"calibrate: T = {t:.4f} fitted on {len(val)} images of {val_dir}; stored in "
+               f"{loaded.path.with_suffix('.json')} (re-run xray-export to bake it into the ONNX model)", err=True)
+    return result
 
 
 if __name__ == "__main__":

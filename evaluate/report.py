@@ -20,7 +20,18 @@ def write_report(out: Path, m: dict, model, data_dir: Path, failures: dict, hard
              "| Class | ROC-AUC (one vs rest) | Average precision |", "|---|---|---|"]
     lines += [f"| {c} | {_f(auc['per_class'][c])} | {_f(ap[c])} |" for c in m["classes"]]
     lines += ["", f"Macro ROC-AUC {_f(auc['macro'])}. Expected calibration error (15 bins, top-1 confidence): "
-                  f"{m['ece']:.4f}.", "", "## Failure modes", ""]
+                  f"{m['ece']:.4f}" + (f" (probabilities with temperature T = {m['temperature']:.4f})"
+                                       if m.get("temperature", 1.0) != 1.0 else "") + "."]
+    c = m.get("calibration")
+    if c:
+        lines += ["", "## Calibration (temperature scaling)", "",
+                  f"T = {c['temperature']:.4f}, fitted on `{c['val_split']}` by minimising NLL; stored in the checkpoint "
+                  "sidecar, so `xray-export` bakes it into the ONNX graph.", "",
+                  "| split | NLL before | NLL after | ECE before | ECE after |", "|---|---|---|---|---|"]
+        for name, label in (("val", "val (fit)"), ("eval", "this split")):
+            b, a = c[name]["before"], c[name]["after"]
+            lines.append(f"| {label} | {b['nll']:.4f} | {a['nll']:.4f} | {b['ece']:.4f} | {a['ece']:.4f} |")
+    lines += ["", "## Failure modes", ""]
     if failures:
         lines += ["Most confident wrong predictions per confusion pair (`failures.png`):", "",
                   "| true → predicted | images | most confident (p) |", "|---|---|---|"]

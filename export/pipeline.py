@@ -12,6 +12,7 @@ from xray.common.artifacts import sha256_file
 from xray.common.errors import XrayError
 from xray.common.model_meta import ModelInfo
 from xray.train.checkpoint import load_checkpoint
+from xray.train.models import TemperatureScaled
 from xray.train.data import scan_split
 
 from .onnx_export import export_onnx, set_metadata
@@ -54,6 +55,9 @@ def run_export(o: ExportOptions) -> bool:
     if meta.get("weights_sha256") and meta["weights_sha256"] != sha:
         raise XrayError(f"{o.checkpoint}: weights do not match their sidecar (sha256 differs); re-save the checkpoint")
     classes, spec = meta["classes"], meta["image_spec"]
+    temperature = meta.get("temperature")
+    if temperature:  # fitted by xray-eval --calibrate: exported (and verified) as part of the graph
+        model = TemperatureScaled(model, temperature).eval()
     data_dir = Path(o.data_dir or meta.get("config", {}).get("data_dir", "data"))
     eval_dir = resolve_split(data_dir, o.eval_split)
     _, eval_samples = scan_split(eval_dir, classes)
@@ -104,7 +108,7 @@ def run_export(o: ExportOptions) -> bool:
     verification = {"eval_split": str(eval_dir), "images": len(labels), "parity_max_abs_logit_diff": parity,
                     **{f"{k}_accuracy": v["accuracy"] for k, v in metrics.items()},
                     **{f"{k}_macro_f1": v["macro_f1"] for k, v in metrics.items()},
-                    "int8_agreement": agreement, "int8_gate": status}
+                    "int8_agreement": agreement, "int8_gate": status, "temperature": temperature or 1.0}
     info = ModelInfo(classes=classes, spec=spec, model_name=meta["model_name"], checkpoint_sha256=sha,
                      export_date=o.export_date, verification=verification)
     set_metadata(fp32, info.to_metadata())
@@ -113,7 +117,7 @@ def run_export(o: ExportOptions) -> bool:
 
     files = {"onnx_fp32": fp32, "onnx_int8": final_int8}
     report = {"model_name": meta["model_name"], "classes": classes, "checkpoint": str(o.checkpoint),
-              "checkpoint_sha256": sha, "export_date": o.export_date, "image_spec": spec.to_dict(),
+              "checkpoint_sha256": sha, "export_date": o.export_date, "temperature": temperature or 1.0, "image_spec": spec.to_dict(),
               "eval": {"split": str(eval_dir), "images": len(labels)}, "metrics": metrics, "gate": gate,
               "latency": latency, "quantization": settings.to_dict(), "onnxruntime": onnxruntime.__version__,
               "files": {k: {"path": p.name, "mb": p.stat().st_size / 1e6} for k, p in files.items()},

@@ -10,7 +10,9 @@ def markdown(r: dict) -> str:
     classes = r["classes"]
     lines = [f"# Export report — {r['model_name']}", "",
              f"Checkpoint `{r['checkpoint']}` (sha256 `{r['checkpoint_sha256'][:16]}…`), exported {r['export_date']}.",
-             f"Evaluated on {r['eval']['images']} images of `{r['eval']['split']}`.", "",
+             f"Evaluated on {r['eval']['images']} images of `{r['eval']['split']}`."
+             + (f" Temperature scaling T = {r['temperature']:.4f} (xray-eval --calibrate) is part of both graphs."
+                if r.get("temperature", 1.0) != 1.0 else ""), "",
              "## Verification", "",
              "| backend | accuracy | macro-F1 | " + " | ".join(f"recall {c}" for c in classes)
              + " | agreement with PyTorch | max abs logit diff |",

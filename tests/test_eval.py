@@ -117,3 +117,62 @@ def test_bad_input(run, tmp_path):
     fails(run, empty, message="no images")
     (empty / "COVID").mkdir()
     fails(run, empty, message="classes differ")
+
+
+@pytest.fixture(scope="module")
+def overconfident(run, tmp_path_factory):
+    """A copy of the tiny run whose head weights are multiplied by 8: the same ranking, far too confident."""
+    import torch
+
+    from xray.train.checkpoint import load_checkpoint, read_sidecar, save_checkpoint
+
+    out = tmp_path_factory.mktemp("overconfident") / "run"
+    out.mkdir()
+    model, _ = load_checkpoint(run / "best.safetensors")
+    with torch.no_grad():
+        for p in model.head.parameters():
+            p.mul_(8)
+    meta = read_sidecar(run / "best.safetensors")
+    meta["image_spec"] = meta["image_spec"].to_dict()
+    for key in ("weights_sha256", "format_version"):
+        meta.pop(key, None)
+    save_checkpoint(out / "best.safetensors", model, meta)
+    return out
+
+
+def test_calibration_lowers_ece_and_reaches_the_edge(overconfident, run, tmp_path):
+    from conftest import QUICK, xray_export, xray_infer
+
+    from xray.train.checkpoint import read_sidecar
+
+    data = run.parent / "data"
+    proc = xray_eval(overconfident, data / "test", "--calibrate", "--output-dir", tmp_path / "cal")
+    m = json.loads((tmp_path / "cal" / "metrics.json").read_text())
+    c = m["calibration"]
+    assert c["temperature"] > 1.5, "an over-confident model needs T > 1"
+    assert c["val"]["after"]["nll"] < c["val"]["before"]["nll"]
+    assert c["val"]["after"]["ece"] < c["val"]["before"]["ece"]
+    assert c["eval"]["after"]["ece"] < c["eval"]["before"]["ece"]
+    assert "Calibration (temperature scaling)" in proc.stdout
+    assert read_sidecar(overconfident)["temperature"] == pytest.approx(c["temperature"])
+
+    # the same figures without --calibrate: the stored temperature is applied
+    xray_eval(overconfident, data / "test", "--output-dir", tmp_path / "again")
+    again = json.loads((tmp_path / "again" / "metrics.json").read_text())
+    assert again["temperature"] == pytest.approx(c["temperature"]) and again["ece"] == pytest.approx(m["ece"])
+
+    # xray-export bakes T into the graph: xray-infer's probabilities are the calibrated ones
+    xray_export(overconfident, *QUICK, "--data-dir", data, "--eval-split", "val", "--min-agreement", 0.5,
+                "--max-accuracy-drop", 50)
+    report = json.loads((overconfident / "export" / "export_report.json").read_text())
+    assert report["temperature"] == pytest.approx(c["temperature"]) and report["gate"]["parity_ok"]
+    z = np.load(tmp_path / "cal" / "probabilities.npz")
+    files = [str(f) for f in z["files"][:6]]
+    doc = json.loads(xray_infer("-m", overconfident / "export" / "model.onnx", *files, "-f", "json").stdout)
+    got = np.array([[p["probabilities"][k] for k in m["classes"]] for p in doc["predictions"]])
+    assert np.abs(got - z["probs"][:6]).max() <= 1e-4
+
+
+def test_calibrate_needs_the_checkpoint(exported, run):
+    proc = xray_eval(exported[0] / "model.onnx", run.parent / "data" / "test", "--calibrate", check=False)
+    assert proc.returncode == 2 and "needs the PyTorch checkpoint" in proc.stderr

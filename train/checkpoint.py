@@ -52,6 +52,16 @@ def read_sidecar(path: str | Path) -> dict:
     return meta
 
 
+def set_temperature(path: str | Path, temperature: float | None) -> None:
+    """Record (or with None, remove) a fitted softmax temperature in the sidecar; the weights are untouched."""
+    side = sidecar_path(Path(path) / "best.safetensors" if Path(path).is_dir() else path)
+    meta = json.loads(side.read_text())
+    meta.pop("temperature", None)
+    if temperature is not None:
+        meta["temperature"] = float(temperature)
+    write_json_atomic(side, meta)
+
+
 def load_checkpoint(path: str | Path) -> tuple[Classifier, dict]:
     """Rebuild the model from its sidecar and load the weights (strict)."""
     path = Path(path)
