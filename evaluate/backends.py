@@ -24,6 +24,7 @@ class LoadedModel:
     spec: ImageSpec
     predict_logits: object  # float32 N x C x H x W -> N x classes logits
     temperature: float = 1.0  # a checkpoint's fitted temperature (an ONNX model has it in its graph)
+    torch_model: object = None  # the Classifier, for Grad-CAM and embeddings (PyTorch checkpoints only)
 
 
 def load_model(path: str | Path, threads: int = 0) -> LoadedModel:
@@ -56,7 +57,7 @@ def load_model(path: str | Path, threads: int = 0) -> LoadedModel:
 
     ckpt = p / "best.safetensors" if p.is_dir() else p
     return LoadedModel("pytorch", ckpt, meta["model_name"], meta["classes"], meta["image_spec"], run,
-                       float(meta.get("temperature") or 1.0))
+                       float(meta.get("temperature") or 1.0), model)
 
 
 def predict_logits(model: LoadedModel, files: list[str], batch_size: int = 32, progress=None) -> np.ndarray:

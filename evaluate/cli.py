@@ -11,7 +11,7 @@ from xray.common.errors import XrayError, exit_on_user_error
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("model", metavar="MODEL")
-@click.argument("data", metavar="DATA", type=click.Path(file_okay=False))
+@click.argument("data", nargs=-1, required=True, metavar="DATA")
 @click.option("--output-dir", type=click.Path(file_okay=False),
               help="Default: report/ next to the model (runs/<run>/report, runs/<run>/export/report).")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1))
@@ -24,26 +24,43 @@ from xray.common.errors import XrayError, exit_on_user_error
               help="Fit temperature scaling on the val split and store T in the checkpoint sidecar "
                    "(xray-export then bakes it into the ONNX graph); the report shows NLL and ECE before/after.")
 @click.option("--val-data", type=click.Path(file_okay=False), help="Split for --calibrate (default: DATA/../val).")
+@click.option("--gradcam", "gradcam_only", is_flag=True,
+              help="DATA are image files: only write their Grad-CAM heatmaps (gradcam.png; PyTorch checkpoints).")
+@click.option("--no-embeddings", is_flag=True, help="Skip the t-SNE projection of penultimate features.")
 @exit_on_user_error
-def main(model, data, output_dir, batch_size, threads, low_margin, per_pair, calibrate, val_data):
+def main(model, data, output_dir, batch_size, threads, low_margin, per_pair, calibrate, val_data, gradcam_only,
+         no_embeddings):
     """Evaluate MODEL (a run folder, a .safetensors checkpoint or an exported .onnx) on DATA, a split of
-    class folders (e.g. data/test). Writes metrics.json, report.md, hard_examples.csv and PNG plots."""
+    class folders (e.g. data/test). Writes metrics.json, report.md, hard_examples.csv and PNG plots;
+    for a checkpoint also Grad-CAM over the failures and a t-SNE of its features.
+
+    \b
+    xray-eval runs/<run> data/test
+    xray-eval runs/<run>/export/model.int8.onnx data/test
+    xray-eval runs/<run> --gradcam scan1.png scan2.dcm"""
     import numpy as np
     from tqdm import tqdm
 
     from xray.train.data import scan_split
 
-    from . import plots
+    from . import explain, plots
     from .analysis import evaluate, failures, hard_examples
     from .backends import load_model, predict_logits
     from .calibration import softmax
     from .report import write_report
 
     loaded = load_model(model, threads)
-    data_dir = Path(data)
+    out = Path(output_dir) if output_dir else loaded.path.parent / "report"
+    if gradcam_only:
+        require_checkpoint(loaded, "--gradcam")
+        out.mkdir(parents=True, exist_ok=True)
+        click.echo(f"Grad-CAM: {explain.gradcam_files(loaded, list(data), out)}")
+        return
+    if len(data) != 1:
+        raise XrayError("give one DATA split folder (or --gradcam with image files)")
+    data_dir = Path(data[0])
     _, samples = scan_split(data_dir, loaded.classes)
     files, labels = [s[0] for s in samples], np.array([s[1] for s in samples])
-    out = Path(output_dir) if output_dir else loaded.path.parent / "report"
     out.mkdir(parents=True, exist_ok=True)
     with tqdm(total=len(files), desc=f"evaluating ({loaded.kind})", unit="img", file=sys.stderr,
               disable=not sys.stderr.isatty()) as bar:
@@ -64,12 +81,23 @@ def main(model, data, output_dir, batch_size, threads, low_margin, per_pair, cal
              "reliability.png": lambda p: plots.reliability_diagram(m["reliability"], m["ece"], p),
              "probability_histograms.png": lambda p: plots.probability_histograms(probs, labels, loaded.classes, p),
              "failures.png": lambda p: plots.failure_sheet(fails, p)}
+    if loaded.kind == "pytorch":
+        drawn["failures_gradcam.png"] = lambda p: explain.failures_gradcam(loaded, fails, out)
+        if not no_embeddings and len(files) >= 5:
+            drawn["embeddings.png"] = lambda p: explain.embeddings(loaded, files, labels, probs, out, batch_size)
     for name, draw in drawn.items():
+        (out / name).unlink(missing_ok=True)  # never show a stale plot from an earlier evaluation
         draw(out / name)
+    drawn = [name for name in drawn if (out / name).exists()]  # failures_gradcam.png: none without failures
     np.savez_compressed(out / "probabilities.npz", probs=probs, labels=labels, files=np.array(files))
-    text = write_report(out, m, loaded, data_dir, fails, hard, list(drawn))
+    text = write_report(out, m, loaded, data_dir, fails, hard, drawn)
     click.echo(text)
     click.echo(f"report: {out / 'report.md'}", err=True)
+
+
+def require_checkpoint(loaded, option: str):
+    if loaded.kind != "pytorch":
+        raise XrayError(f"{option} needs the PyTorch checkpoint (a run folder or .safetensors), not {loaded.path.name}")
 
 
 def fit_and_store_temperature(loaded, val_dir: Path, logits, labels, batch_size: int) -> dict:
@@ -84,9 +112,7 @@ def fit_and_store_temperature(loaded, val_dir: Path, logits, labels, batch_size:
     from .backends import predict_logits
     from .calibration import fit_temperature, softmax
 
-    if loaded.kind != "pytorch":
-        raise XrayError("--calibrate needs the PyTorch checkpoint (run folder or .safetensors): the temperature is "
-                        "stored in its sidecar and xray-export bakes it into the ONNX graph")
+    require_checkpoint(loaded, "--calibrate")
     _, val = scan_split(val_dir, loaded.classes)
     val_labels = np.array([label for _, label in val])
     val_logits = predict_logits(loaded, [path for path, _ in val], batch_size)

@@ -125,3 +125,33 @@ def failure_sheet(failures: dict, path: Path, thumb: int = 160, per_row: int = 6
         ax.imshow(np.asarray(img), cmap="gray", vmin=0, vmax=255)
         ax.set_title(f"{t} → {q}\np={f['probability']:.2f}  {Path(f['path']).name[:18]}", fontsize=7)
     _save(fig, path)
+
+
+def gradcam_sheet(entries, path: Path, per_row: int = 6):
+    """entries: [(model-view gray image HxW uint8, cam HxW in [0, 1], caption)] -> heatmaps over the images."""
+    plt = _plt()
+    rows, cols = -(-len(entries) // per_row), min(per_row, len(entries))
+    fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols, 2.6 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (img, cam, caption) in zip(axes.flat, entries):
+        ax.imshow(img, cmap="gray", vmin=0, vmax=255)
+        ax.imshow(cam, cmap="jet", alpha=0.4, vmin=0, vmax=1)
+        ax.set_title(caption, fontsize=7)
+    _save(fig, path)
+
+
+def embedding_projection(points, labels, wrong, classes, path: Path, method: str):
+    """2-D projection of penultimate features, coloured by true class, misclassified images ringed."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    for i, c in enumerate(classes):
+        sel = np.asarray(labels) == i
+        ax.scatter(points[sel, 0], points[sel, 1], s=14, alpha=0.8, label=c)
+    wrong = np.asarray(wrong, dtype=bool)
+    if wrong.any():
+        ax.scatter(points[wrong, 0], points[wrong, 1], s=60, facecolors="none", edgecolors="black",
+                   linewidths=1.2, label="misclassified")
+    ax.set(title=f"penultimate features ({method})", xticks=[], yticks=[])
+    ax.legend(fontsize=8)
+    _save(fig, path)

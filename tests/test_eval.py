@@ -176,3 +176,54 @@ def test_calibration_lowers_ece_and_reaches_the_edge(overconfident, run, tmp_pat
 def test_calibrate_needs_the_checkpoint(exported, run):
     proc = xray_eval(exported[0] / "model.onnx", run.parent / "data" / "test", "--calibrate", check=False)
     assert proc.returncode == 2 and "needs the PyTorch checkpoint" in proc.stderr
+
+
+def _square_images(rng, n, size=64):
+    """Class 1: a bright 10 x 10 square somewhere on a noisy background; class 0: background only."""
+    x = rng.normal(0, 0.3, (n, 1, size, size)).astype(np.float32)
+    y = rng.integers(0, 2, n)
+    for i in np.flatnonzero(y):
+        r, c = rng.integers(0, size - 10, 2)
+        x[i, 0, r:r + 10, c:c + 10] += 2.0
+    return x, y
+
+
+def test_gradcam_follows_the_discriminative_region():
+    import torch
+
+    from xray.evaluate.gradcam import gradcam
+    from xray.train.models import build_model
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    model = build_model("cnn_baseline", 2, pretrained=False)
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    model.train()
+    for _ in range(120):
+        x, y = _square_images(rng, 32)
+        loss = torch.nn.functional.cross_entropy(model(torch.from_numpy(x)), torch.from_numpy(y))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    peaks = []
+    for r, c in ((6, 8), (46, 44), (8, 46)):
+        x = rng.normal(0, 0.3, (1, 1, 64, 64)).astype(np.float32)
+        x[0, 0, r:r + 10, c:c + 10] += 2.0
+        cam, cls = gradcam(model, torch.from_numpy(x), target=1)
+        assert cam.shape == (64, 64) and cls == 1
+        assert cam.max() == pytest.approx(1.0) and cam.std() > 0.05, "the map must not be constant"
+        pr, pc = np.unravel_index(np.argmax(cam), cam.shape)
+        assert abs(pr - (r + 5)) <= 14 and abs(pc - (c + 5)) <= 14, ((pr, pc), (r, c))
+        peaks.append((pr, pc))
+    assert len(set(peaks)) == 3, "the map moves with the square"
+
+
+def test_eval_writes_gradcam_and_embeddings(evaluated, run, tmp_path):
+    out = evaluated[0] / "pt"
+    assert (out / "embeddings.png").is_file()
+    assert not (evaluated[0] / "onnx" / "embeddings.png").exists()  # features need the PyTorch model
+    files = sorted((run.parent / "data" / "test" / "TUBERCULOSIS").iterdir())[:2]
+    proc = xray_eval(run, "--gradcam", *files, "--output-dir", tmp_path)
+    img = Image.open(tmp_path / "gradcam.png")
+    assert img.format == "PNG" and img.width >= 300 and "gradcam.png" in proc.stdout
