@@ -71,3 +71,31 @@ def hard_examples(files, probs, labels, classes, low_margin: float = 0.2) -> lis
                          "probability": f"{probs[i, pred[i]]:.6f}", "true_probability": f"{probs[i, labels[i]]:.6f}",
                          "margin": f"{margin[i]:.6f}", "reason": "misclassified" if wrong else "low_margin"})
     return rows
+
+
+def bootstrap_ci(labels, pred, classes, n: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
+    """Percentile bootstrap intervals (resampling images) for accuracy, macro-F1 and per-class recall."""
+    labels, pred = np.asarray(labels), np.asarray(pred)
+    rng = np.random.default_rng(seed)
+    draws = {"accuracy": [], "macro_f1": []} | {f"recall_{c}": [] for c in classes}
+    for _ in range(n):
+        idx = rng.integers(0, len(labels), len(labels))
+        m = classification_metrics(labels[idx], pred[idx], classes)
+        draws["accuracy"].append(m["accuracy"])
+        draws["macro_f1"].append(m["macro_f1"])
+        for c in classes:
+            draws[f"recall_{c}"].append(m["per_class"][c]["recall"])
+    lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
+    return {k: [float(np.percentile(v, lo)), float(np.percentile(v, hi))] for k, v in draws.items()}
+
+
+def per_source(files, labels, pred, sources: dict) -> dict:
+    """Accuracy per manifest source (a model that separates sources rather than findings shows it here)."""
+    out = {}
+    for f, t, p in zip(files, labels, pred):
+        s = sources.get(f)
+        if s is not None:
+            row = out.setdefault(s, {"images": 0, "correct": 0})
+            row["images"] += 1
+            row["correct"] += int(t == p)
+    return {s: {**v, "accuracy": v["correct"] / v["images"]} for s, v in sorted(out.items())}

@@ -44,7 +44,8 @@ def main(model, data, output_dir, batch_size, threads, low_margin, per_pair, cal
     from xray.train.data import scan_split
 
     from . import explain, plots
-    from .analysis import evaluate, failures, hard_examples
+    from .analysis import bootstrap_ci, evaluate, failures, hard_examples, per_source
+    from .model_card import read_manifest, write_model_card
     from .backends import load_model, predict_logits
     from .calibration import softmax
     from .report import write_report
@@ -74,6 +75,9 @@ def main(model, data, output_dir, batch_size, threads, low_margin, per_pair, cal
     m["temperature"] = loaded.temperature
     if calibration:
         m["calibration"] = calibration
+    manifest_rows, sources = read_manifest(data_dir)
+    m["per_source"] = per_source([str(Path(f).resolve()) for f in files], labels, probs.argmax(axis=1), sources)
+    m["bootstrap_95ci"] = bootstrap_ci(labels, probs.argmax(axis=1), loaded.classes)
     fails = failures(files, probs, labels, loaded.classes, per_pair)
     hard = hard_examples(files, probs, labels, loaded.classes, low_margin)
     drawn = {"confusion_matrix.png": lambda p: plots.confusion_matrices(m["confusion_matrix"], loaded.classes, p),
@@ -91,8 +95,10 @@ def main(model, data, output_dir, batch_size, threads, low_margin, per_pair, cal
     drawn = [name for name in drawn if (out / name).exists()]  # failures_gradcam.png: none without failures
     np.savez_compressed(out / "probabilities.npz", probs=probs, labels=labels, files=np.array(files))
     text = write_report(out, m, loaded, data_dir, fails, hard, drawn)
+    card = loaded.path.parent / "MODEL_CARD.md"
+    write_model_card(card, loaded, data_dir, m, m["bootstrap_95ci"], manifest_rows, m["per_source"], fails)
     click.echo(text)
-    click.echo(f"report: {out / 'report.md'}", err=True)
+    click.echo(f"report: {out / 'report.md'}; model card: {card}", err=True)
 
 
 def require_checkpoint(loaded, option: str):

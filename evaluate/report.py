@@ -31,6 +31,9 @@ def write_report(out: Path, m: dict, model, data_dir: Path, failures: dict, hard
         for name, label in (("val", "val (fit)"), ("eval", "this split")):
             b, a = c[name]["before"], c[name]["after"]
             lines.append(f"| {label} | {b['nll']:.4f} | {a['nll']:.4f} | {b['ece']:.4f} | {a['ece']:.4f} |")
+    if len(m.get("per_source", {})) > 1:
+        lines += ["", "## Per source (shortcut check)", "", "| source | images | accuracy |", "|---|---|---|"]
+        lines += [f"| {s} | {v['images']} | {v['accuracy']:.4f} |" for s, v in m["per_source"].items()]
     lines += ["", "## Failure modes", ""]
     if failures:
         lines += ["Most confident wrong predictions per confusion pair (`failures.png`):", "",

@@ -227,3 +227,26 @@ def test_eval_writes_gradcam_and_embeddings(evaluated, run, tmp_path):
     proc = xray_eval(run, "--gradcam", *files, "--output-dir", tmp_path)
     img = Image.open(tmp_path / "gradcam.png")
     assert img.format == "PNG" and img.width >= 300 and "gradcam.png" in proc.stdout
+
+
+def test_model_card_and_bootstrap(evaluated, run, exported):
+    from xray.evaluate.analysis import bootstrap_ci, per_source
+
+    card = (run / "MODEL_CARD.md").read_text()  # written next to the evaluated checkpoint
+    for section in ("## Intended use", "not a medical device", "## Training data", "Leakage guard",
+                    "no group(s) in more than one split", "95 % bootstrap", "## Known failure modes",
+                    "## Quantization", "Every image is synthetic"):
+        assert section in card, section
+    m, probs, labels, _ = load(evaluated[0] / "pt")
+    ci = m["bootstrap_95ci"]
+    assert ci["accuracy"][0] <= m["accuracy"] <= ci["accuracy"][1] and ci["accuracy"][1] - ci["accuracy"][0] > 0
+    assert (exported[0] / "MODEL_CARD.md").is_file()  # and next to the evaluated ONNX model
+
+    y = np.array([0, 1] * 50)
+    narrow = bootstrap_ci(np.tile(y, 10), np.tile(y, 10), ["A", "B"])
+    assert narrow["accuracy"] == [1.0, 1.0]
+    noisy = bootstrap_ci(y, np.where(np.arange(100) % 5 == 0, 1 - y, y), ["A", "B"])
+    assert noisy["accuracy"][0] < 0.8 < noisy["accuracy"][1]
+    table = per_source(["a", "b", "c", "d"], [0, 1, 0, 1], [0, 1, 1, 1], {"a": "kaggle", "b": "kaggle", "c": "nih"})
+    assert table == {"kaggle": {"images": 2, "correct": 2, "accuracy": 1.0},
+                     "nih": {"images": 1, "correct": 0, "accuracy": 0.0}}

@@ -1,0 +1,104 @@
+"""MODEL_CARD.md next to the evaluated model: what it is for, what it was trained on, how well it does
+(with bootstrap intervals), how it fails, how calibrated and how quantized it is."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+from xray.common.artifacts import read_csv, write_text_atomic
+
+MANIFEST = "manifest.csv"
+
+
+def read_manifest(data_dir: Path) -> tuple[list[dict], dict[str, str]]:
+    """The split's manifest rows (data/manifest.csv beside data/test) and {absolute file: source}."""
+    manifest = data_dir.parent / MANIFEST
+    if not manifest.is_file():
+        return [], {}
+    rows = read_csv(manifest)
+    sources = {str((data_dir.parent / r["path"]).resolve()): r.get("source") or "unknown" for r in rows}
+    return rows, sources
+
+
+def leakage_check(rows: list[dict]) -> str:
+    splits_of = {}
+    for r in rows:
+        splits_of.setdefault(r["group"], set()).add(r["split"])
+    leaked = sum(len(s) > 1 for s in splits_of.values())
+    return (f"{len(splits_of)} patient groups; {'no' if not leaked else leaked} group(s) in more than one split"
+            " (patient-level split, exact duplicates grouped)")
+
+
+def write_model_card(path: Path, loaded, data_dir: Path, m: dict, ci: dict, rows: list[dict], source_table: dict,
+                     fails: dict) -> str:
+    classes = m["classes"]
+    lines = [f"# Model card — {loaded.name}", "",
+             "## Intended use", "",
+             "Research and triage assistance for chest X-ray classification "
+             f"({', '.join(classes)}). **Not for diagnosis and not a medical device**: a clinician reads every image.",
+             "Outputs are class probabilities; they are only as good as the data the model was trained and "
+             "checked on (below).", "",
+             "## Model", "",
+             f"- Architecture: `{loaded.name}`, input {loaded.spec.input_size} px, {loaded.spec.channels} channel(s), "
+             f"resize `{loaded.spec.resize_mode}`/{loaded.spec.interpolation}.",
+             f"- Evaluated artifact: `{loaded.path}` ({loaded.kind}).",
+             f"- Softmax temperature: {m.get('temperature', 1.0):.4f}"
+             + (" (fitted by `xray-eval --calibrate`)." if m.get("temperature", 1.0) != 1.0 else " (uncalibrated).")]
+    lines += ["", "## Training data", ""]
+    if rows:
+        sources = Counter(r.get("source") or "unknown" for r in rows)
+        lines += [f"- Sources: " + ", ".join(f"`{s}` ({n} images)" for s, n in sources.most_common()) + ".",
+                  f"- Leakage guard: {leakage_check(rows)}.", "",
+                  "| split | " + " | ".join(classes) + " | total |", "|---" * (len(classes) + 2) + "|"]
+        for split in ("train", "val", "test"):
+            counts = Counter(r["class"] for r in rows if r["split"] == split)
+            lines.append(f"| {split} | " + " | ".join(str(counts.get(c, 0)) for c in classes)
+                         + f" | {sum(counts.values())} |")
+        if set(sources) == {"synthetic"}:
+            lines += ["", "**Every image is synthetic** (scripts/make_synthetic.py): these figures describe the "
+                          "pipeline on generated data, not performance on radiographs."]
+    else:
+        lines.append(f"No `{MANIFEST}` beside `{data_dir}`: provenance unknown.")
+    lines += ["", f"## Performance on `{data_dir}` ({m['num_samples']} images, 95 % bootstrap intervals)", "",
+              "| metric | value | 95 % CI |", "|---|---|---|",
+              f"| accuracy | {m['accuracy']:.4f} | {ci['accuracy'][0]:.4f}–{ci['accuracy'][1]:.4f} |",
+              f"| macro-F1 | {m['macro_f1']:.4f} | {ci['macro_f1'][0]:.4f}–{ci['macro_f1'][1]:.4f} |"]
+    for c in classes:
+        lo, hi = ci[f"recall_{c}"]
+        lines.append(f"| recall {c} | {m['per_class'][c]['recall']:.4f} | {lo:.4f}–{hi:.4f} |")
+    lines += ["", f"Expected calibration error: {m['ece']:.4f}."]
+    if len(source_table) > 1:
+        lines += ["", "Per source (a large gap means the model may separate sources rather than findings):", "",
+                  "| source | images | accuracy |", "|---|---|---|"]
+        lines += [f"| {s} | {v['images']} | {v['accuracy']:.4f} |" for s, v in source_table.items()]
+    lines += ["", "## Known failure modes", ""]
+    if fails:
+        cm, idx = m["confusion_matrix"], {c: i for i, c in enumerate(classes)}
+        pairs = sorted(fails, key=lambda tq: -cm[idx[tq[0]]][idx[tq[1]]])
+        lines += [f"- {t} predicted as {q}: {cm[idx[t]][idx[q]]} image(s)" for t, q in pairs]
+        maps = ", Grad-CAM maps `report/failures_gradcam.png`" if loaded.kind == "pytorch" else ""
+        lines.append(f"- Examples: `report/failures.png`{maps}; every hard case: `report/hard_examples.csv`.")
+    else:
+        lines.append("No misclassified images in this split (a small split proves little: see the intervals).")
+    export_report = _export_report(loaded)
+    if export_report:
+        g, met = export_report["gate"], export_report["metrics"]
+        lines += ["", "## Quantization", "",
+                  f"Exported by `xray-export` on {export_report.get('export_date', '?')}: ONNX fp32 accuracy "
+                  f"{met['onnx_fp32']['accuracy']:.4f}, int8 accuracy {met['onnx_int8']['accuracy']:.4f}, int8 agrees "
+                  f"with PyTorch on {g['agreement'] * 100:.1f} % of {export_report['eval']['images']} images; gate: "
+                  f"**{g['int8_status']}**; int8 file {export_report['size_ratio'] * 100:.0f} % of fp32, "
+                  f"{export_report['latency'].get('speedup_batch_1', float('nan')):.2f}x faster at batch 1."]
+    text = "\n".join(lines) + "\n"
+    write_text_atomic(path, text)
+    return text
+
+
+def _export_report(loaded) -> dict | None:
+    folder = loaded.path.parent if loaded.kind == "onnx" else loaded.path.parent / "export"
+    path = folder / "export_report.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
