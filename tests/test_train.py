@@ -260,3 +260,26 @@ def test_early_stopping_and_gradient_accumulation(data, tmp_path):
     assert [r["epoch"] for r in read_csv(tmp_path / "es" / "history.csv")] == ["1", "2"]
     state = json.loads((tmp_path / "es" / "last" / "trainer_state.json").read_text())
     assert state["global_step"] == 2 * 2
+
+
+def test_oversample_hard_examples(data, tmp_path):
+    """--oversample repeats listed train images; files from val/test are refused as leakage, not used."""
+    from xray.train.data import oversample, scan_split
+
+    _, train_samples = scan_split(data / "train")
+    _, test_samples = scan_split(data / "test", sorted(p.name for p in (data / "train").iterdir() if p.is_dir()))
+    hard = tmp_path / "hard_examples.csv"
+    rows = [train_samples[0][0], train_samples[5][0], test_samples[0][0]]
+    hard.write_text("path,true,predicted\n" + "".join(f"{p},X,Y\n" for p in rows))
+    out, found, ignored = oversample(train_samples, hard, 3)
+    assert (found, ignored) == (2, 1) and len(out) == len(train_samples) + 4
+    assert out.count(train_samples[0]) == 3 and test_samples[0] not in out
+
+    proc = train("--data-dir", data, "--output-dir", tmp_path, "--run-name", "hard", "--phases", "A", "--epochs-a", 1,
+                 "--oversample", hard, "--oversample-factor", 3)
+    assert "oversample: 2 hard train images x3; 1 listed files are not in the train split" in proc.stdout + proc.stderr
+    assert json.loads((tmp_path / "hard" / "config.json").read_text())["oversample_factor"] == 3
+    bad = tmp_path / "bad.csv"
+    bad.write_text("file\nx.png\n")
+    proc = train("--data-dir", data, "--output-dir", tmp_path, "--run-name", "bad", "--oversample", bad, check=False)
+    assert proc.returncode == 2 and "no 'path' column" in proc.stderr and "Traceback" not in proc.stderr

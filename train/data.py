@@ -69,3 +69,21 @@ def class_weights(samples, num_classes: int) -> torch.Tensor:
     """Inverse class frequency, normalised so a balanced set gets weight 1 per class."""
     counts = np.bincount([label for _, label in samples], minlength=num_classes).astype(np.float64)
     return torch.tensor(counts.sum() / (num_classes * np.maximum(counts, 1)), dtype=torch.float32)
+
+
+def oversample(samples, hard_csv: str | Path, factor: int) -> tuple[list[tuple[str, int]], int, int]:
+    """Repeat the train images listed in `hard_csv` (xray-eval's hard_examples.csv, column `path`) so each
+    appears `factor` times per epoch. Listed files outside this train split are ignored and counted:
+    hard examples mined on val/test would leak them into training.
+    Returns (samples, listed images found in train, listed images ignored)."""
+    from xray.common.artifacts import read_csv
+
+    path = Path(hard_csv)
+    if not path.is_file():
+        raise XrayError(f"--oversample {path}: no such file")
+    try:
+        listed = {str(Path(r["path"]).resolve()) for r in read_csv(path)}
+    except KeyError:
+        raise XrayError(f"--oversample {path}: no 'path' column (use xray-eval's hard_examples.csv)") from None
+    hard = [s for s in samples if str(Path(s[0]).resolve()) in listed]
+    return samples + hard * (factor - 1), len(hard), len(listed) - len(hard)

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from xray.common.errors import XrayError, exit_on_user_error
 from xray.train.augment import AugmentConfig
 from xray.train.checkpoint import load_weights_into, read_sidecar, save_checkpoint
-from xray.train.data import XrayDataset, class_weights, scan_split
+from xray.train.data import XrayDataset, class_weights, oversample, scan_split
 from xray.train.loop import Throughput, evaluate, extract_features, train_one_epoch
 from xray.train.models import REGISTRY, build_model, get_model_def
 from xray.train.perf import tune_malloc
@@ -86,6 +86,11 @@ class Run:
                                "best": {}, "bad_epochs": 0, "history": []}
         self.live_sums = None  # this rank's (loss sum, correct, seen) of the epoch in progress
         self.weights = class_weights(self.train_samples, len(self.classes)) if cfg["class_weights"] else None
+        self.oversampled = None
+        if cfg.get("oversample"):  # after the class weights: hard examples add emphasis, not a new class balance
+            self.train_samples, found, ignored = oversample(self.train_samples, cfg["oversample"],
+                                                            cfg["oversample_factor"])
+            self.oversampled = (found, ignored)
 
     # ---- data -------------------------------------------------------------------------------
     def loader(self, samples, train: bool):
@@ -318,6 +323,11 @@ def phase_options(f):
               help="Also save last/ every N optimizer steps (0: each epoch only).")
 @click.option("--report-to", default="none", show_default=True, type=click.Choice(["none", "tensorboard"]),
               help="Also log epochs through accelerate's trackers (tensorboard: runs/<run>/tensorboard).")
+@click.option("--oversample", type=click.Path(dir_okay=False),
+              help="Hard-example mining: repeat the train images listed in this CSV (xray-eval's hard_examples.csv "
+                   "from an evaluation of data/train; files outside the train split are ignored).")
+@click.option("--oversample-factor", default=2, show_default=True, type=click.IntRange(2),
+              help="Times each listed image appears per epoch.")
 @click.option("--resume", "resume_dir", default=None, help="Continue the interrupted run in this folder.")
 @exit_on_user_error
 def main(**o):
@@ -351,7 +361,8 @@ def config_from_options(o) -> dict:
             "class_weights": not o["no_class_weights"], "augment": not o["no_augment"], "hflip": o["hflip"],
             "cache_features": o["cache_features"], "bn_train": o["bn_train"],
             "patience": o["patience"], "workers": o["workers"], "seed": o["seed"],
-            "checkpoint_every": o["checkpoint_every"]}
+            "checkpoint_every": o["checkpoint_every"], "oversample": o["oversample"],
+            "oversample_factor": o["oversample_factor"]}
 
 
 def train(acc: Accelerator, o: dict):
@@ -379,6 +390,11 @@ def train(acc: Accelerator, o: dict):
         run.print(f"run {run_dir}: {cfg['model']}, classes {run.classes}, {len(run.train_samples)} train / "
                   f"{len(run.val_samples)} val / {len(run.test_samples)} test images, {acc.num_processes} process(es) "
                   f"on {acc.device.type}")
+        if run.oversampled:
+            found, ignored = run.oversampled
+            run.print(f"oversample: {found} hard train images x{cfg['oversample_factor']}"
+                      + (f"; {ignored} listed files are not in the train split (mine hard examples on data/train, "
+                         "never on val/test): ignored" if ignored else ""))
     if o["report_to"] != "none":
         acc.project_configuration.logging_dir = str(run_dir)
         flat = {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in cfg.items()}
