@@ -26,12 +26,13 @@ from xray.common.errors import XrayError, exit_on_user_error
 @click.option("--val-data", type=click.Path(file_okay=False), help="Split for --calibrate (default: DATA/../val).")
 @click.option("--gradcam", "gradcam_only", is_flag=True,
               help="DATA are image files: only write their Grad-CAM heatmaps (gradcam.png; PyTorch checkpoints).")
+@click.option("--split", default="test", show_default=True, help="With a manifest.csv as DATA: which split.")
 @click.option("--no-embeddings", is_flag=True, help="Skip the t-SNE projection of penultimate features.")
 @exit_on_user_error
 def main(model, data, output_dir, batch_size, threads, low_margin, per_pair, calibrate, val_data, gradcam_only,
-         no_embeddings):
+         split, no_embeddings):
     """Evaluate MODEL (a run folder, a .safetensors checkpoint or an exported .onnx) on DATA, a split of
-    class folders (e.g. data/test). Writes metrics.json, report.md, hard_examples.csv and PNG plots;
+    class folders (e.g. data/test), or data/manifest.csv with --split. Writes metrics.json, report.md, hard_examples.csv and PNG plots;
     for a checkpoint also Grad-CAM over the failures and a t-SNE of its features.
 
     \b
@@ -59,8 +60,12 @@ def main(model, data, output_dir, batch_size, threads, low_margin, per_pair, cal
         return
     if len(data) != 1:
         raise XrayError("give one DATA split folder (or --gradcam with image files)")
-    data_dir = Path(data[0])
-    _, samples = scan_split(data_dir, loaded.classes)
+    if data[0].endswith(".csv"):  # a manifest + --split: the split's folder is beside the manifest
+        data_dir = Path(data[0]).parent / split
+        samples = manifest_split(Path(data[0]), split, loaded.classes)
+    else:
+        data_dir = Path(data[0])
+        _, samples = scan_split(data_dir, loaded.classes)
     files, labels = [s[0] for s in samples], np.array([s[1] for s in samples])
     out.mkdir(parents=True, exist_ok=True)
     with tqdm(total=len(files), desc=f"evaluating ({loaded.kind})", unit="img", file=sys.stderr,
@@ -99,6 +104,22 @@ def main(model, data, output_dir, batch_size, threads, low_margin, per_pair, cal
     write_model_card(card, loaded, data_dir, m, m["bootstrap_95ci"], manifest_rows, m["per_source"], fails)
     click.echo(text)
     click.echo(f"report: {out / 'report.md'}; model card: {card}", err=True)
+
+
+def manifest_split(manifest: Path, split: str, classes) -> list[tuple[str, int]]:
+    """(path, label) rows of one split of split_dataset.py's manifest.csv (paths relative to its folder)."""
+    from xray.common.artifacts import read_csv
+
+    if not manifest.is_file():
+        raise XrayError(f"{manifest}: no such manifest")
+    rows = [r for r in read_csv(manifest) if r.get("split") == split]
+    if not rows:
+        raise XrayError(f"{manifest}: no rows for split {split!r}")
+    unknown = sorted({r["class"] for r in rows} - set(classes))
+    if unknown:
+        raise XrayError(f"{manifest}: split {split} has classes {unknown} the model does not know ({classes})")
+    index = {c: i for i, c in enumerate(classes)}
+    return [(str(manifest.parent / r["path"]), index[r["class"]]) for r in rows]
 
 
 def require_checkpoint(loaded, option: str):

@@ -250,3 +250,13 @@ def test_model_card_and_bootstrap(evaluated, run, exported):
     table = per_source(["a", "b", "c", "d"], [0, 1, 0, 1], [0, 1, 1, 1], {"a": "kaggle", "b": "kaggle", "c": "nih"})
     assert table == {"kaggle": {"images": 2, "correct": 2, "accuracy": 1.0},
                      "nih": {"images": 1, "correct": 0, "accuracy": 0.0}}
+
+
+def test_manifest_and_split_give_the_folder_numbers(evaluated, exported, run, tmp_path):
+    xray_eval(exported[0] / "model.onnx", run.parent / "data" / "manifest.csv", "--split", "test",
+              "--output-dir", tmp_path)
+    by_manifest, p1, _, f1 = load(tmp_path)
+    by_folder, p2, _, f2 = load(evaluated[0] / "onnx")
+    assert sorted(f1) == sorted(f2) and by_manifest["accuracy"] == by_folder["accuracy"]
+    proc = xray_eval(exported[0] / "model.onnx", run.parent / "data" / "manifest.csv", "--split", "nope", check=False)
+    assert proc.returncode == 2 and "no rows for split 'nope'" in proc.stderr
