@@ -138,3 +138,48 @@ def test_histogram_calibration_methods_run(run, tmp_path):
                 "--calibration-images", 12, "--min-agreement", 0, "--max-accuracy-drop", 100)
     report = json.loads((tmp_path / "export_report.json").read_text())
     assert report["quantization"]["method"] == "entropy" and report["quantization"]["calibration_images"] == 12
+
+
+def _lite0_onnx(tmp_path, size=64):
+    torch.manual_seed(0)
+    model = build_model("efficientnet_lite0", 3, pretrained=True).eval()
+    spec = REGISTRY["efficientnet_lite0"].spec.with_size(size)
+    export_onnx(model, spec, tmp_path / "fp32.onnx")
+    return tmp_path / "fp32.onnx"
+
+
+def _weights_range(path, names):
+    from onnx import numpy_helper
+
+    inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}
+    return {n: int(np.abs(inits[n].astype(np.int32)).max()) for n in names if n in inits}
+
+
+def test_depthwise_weights_keep_8_bits_and_bias_correction_recentres_logits(tmp_path, synthetic_raw):
+    """reduce_range (no VNNI) spares depthwise convs; sequential bias correction removes the mean logit shift."""
+    from xray.common.imageio import load_image
+    from xray.common.preprocess import preprocess
+    from xray.export.quantize import QuantSettings, depthwise_weights, quantize
+
+    fp32 = _lite0_onnx(tmp_path)
+    spec = REGISTRY["efficientnet_lite0"].spec.with_size(64)
+    files = sorted(synthetic_raw.rglob("*.png"))[:48]
+    x = np.stack([preprocess(load_image(f), spec) for f in files])
+    plain = QuantSettings(reduce_range=True, full_range_depthwise=False, bias_correction_images=0)
+    tuned = QuantSettings(reduce_range=True, full_range_depthwise=True, bias_correction_images=32)
+    quantize(fp32, tmp_path / "plain.onnx", [b[None] for b in x[:32]], plain)
+    quantize(fp32, tmp_path / "tuned.onnx", [b[None] for b in x[:32]], tuned)
+
+    dw = depthwise_weights(tmp_path / "fp32.onnx")
+    assert len(dw) >= 10
+    q = {d + "_quantized" for d in dw}
+    plain_max, tuned_max = _weights_range(tmp_path / "plain.onnx", q), _weights_range(tmp_path / "tuned.onnx", q)
+    assert plain_max and max(plain_max.values()) <= 64 < min(tuned_max.values()), (plain_max, tuned_max)
+
+    ref = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    shift = {}
+    for name in ("plain", "tuned"):
+        got = ort.InferenceSession(str(tmp_path / f"{name}.onnx"), providers=["CPUExecutionProvider"]).run(
+            None, {"input": x})[0]
+        shift[name] = np.abs((got - ref).mean(axis=0)).max()
+    assert shift["tuned"] < 0.5 * shift["plain"], shift
