@@ -112,12 +112,12 @@ def edge_venv(folder: Path) -> Path:
 
 
 def generated_jpegs(folder: Path, n: int) -> list[Path]:
-    if len(list(folder.glob("*/*.jpeg"))) < n:
-        per_class = -(-n // 3)
+    if len(list(folder.glob("*/*.jpeg"))) < n - n % 3:
+        per_class = n // 3
         subprocess.run([sys.executable, ROOT / "scripts" / "make_synthetic.py", "--out", folder,
                         "--per-class", str(per_class), "--size", "1300", "--seed", "7", "--formats", "jpeg"],
                        check=True)
-    return sorted(folder.glob("*/*.jpeg"))[:n]
+    return sorted(folder.glob("*/*.jpeg"))
 
 
 def draft_effect(model_path: Path, files: list[Path]) -> dict:
@@ -159,7 +159,8 @@ def main(run_dir, images, repeats, threads, work_dir, json_out):
         if not p.is_file():
             raise SystemExit(f"missing {p}: train and xray-export the run first")
     work = Path(work_dir) if work_dir else Path(tempfile.gettempdir()) / "xray-bench-infer"
-    files = generated_jpegs(work / "jpegs", images)
+    folder = work / f"jpegs-{images}"  # exactly the timed files: the folder runs read all of it
+    files = generated_jpegs(folder, images)
     mp = [w * h / 1e6 for w, h in (image_size(f) for f in files)]
     one = files[0]
     infer = edge_venv(work / "edge-venv")
@@ -179,7 +180,6 @@ def main(run_dir, images, repeats, threads, work_dir, json_out):
         v["median_s"] = statistics.median(v.pop("seconds"))
         v["peak_rss_mb"] = max(v.pop("rss_mb"))
 
-    folder = work / "jpegs"
     throughput = {}
     for name, m in models.items():
         wall, rss, out = rss_and_wall([infer, "--model", m, folder, "--format", "jsonl", "--threads", threads, "-q"])
