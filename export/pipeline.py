@@ -37,6 +37,7 @@ class ExportOptions:
     threads: int
     latency_runs: int
     export_date: str
+    bias_correction_images: int = 64
 
 
 def say(msg: str):
@@ -69,7 +70,7 @@ def run_export(o: ExportOptions) -> bool:
     say(f"export: {meta['model_name']} ({len(classes)} classes, {spec.input_size} px) -> {fp32}")
     export_onnx(model, spec, fp32)
     calib = stratified(calib_pool, o.calibration_images)
-    settings = default_settings(o.calibration_method)
+    settings = default_settings(o.calibration_method, o.bias_correction_images)
     say(f"quantize: calibrating on {len(calib)} images ({o.calibration_method}) -> {int8.name}")
     candidate = out / ".model.int8.candidate.onnx"
     # batch 1: the histogram calibrators (entropy, percentile) fail on multi-image batches

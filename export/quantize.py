@@ -57,9 +57,9 @@ class QuantSettings:
         return asdict(self)
 
 
-def default_settings(method: str = "minmax") -> QuantSettings:
+def default_settings(method: str = "minmax", bias_correction_images: int = 64) -> QuantSettings:
     """One recipe for every registry model so far; per-backbone exclusions go here once measured."""
-    return QuantSettings(method=method, reduce_range=not cpu_has_vnni())
+    return QuantSettings(method=method, reduce_range=not cpu_has_vnni(), bias_correction_images=bias_correction_images)
 
 
 class ArrayReader(CalibrationDataReader):

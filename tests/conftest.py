@@ -37,7 +37,7 @@ def synthetic_raw(tmp_path_factory) -> Path:
 
 EXPORT = [sys.executable, "-c", "from xray.export.cli import main; main()"]
 INFER = [sys.executable, "-c", "from xray.infer.cli import main; main(prog_name='xray-infer')"]
-QUICK = ["--threads", "2", "--latency-runs", "3"]  # xray-export options that keep tests fast
+QUICK = ["--threads", "2", "--latency-runs", "3", "--bias-correction-images", "16"]  # xray-export, fast
 
 
 def xray_export(*args, check=True):
@@ -95,3 +95,11 @@ def tiny_onnx(tmp_path_factory):
     export_onnx(model, spec, path)
     set_metadata(path, ModelInfo(classes, spec, "efficientnet_lite0", precision="fp32").to_metadata())
     return path, model, spec, classes
+
+
+def pytest_collection_modifyitems(items):
+    """Every test that needs the shared trained run goes to one xdist worker (`--dist loadgroup`), so the
+    run, its export and xray-eval's evaluation of it are built once, not once per worker."""
+    for item in items:
+        if "run" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("trained_run"))

@@ -21,7 +21,7 @@ def xray_eval(*args, check=True):
     return run_command(EVAL + list(args), check=check)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: xdist's loadgroup interleaves modules, which would rebuild a module fixture
 def evaluated(run, exported, tmp_path_factory):
     """The tiny run evaluated on its test split from the checkpoint and from the fp32 ONNX model."""
     base = tmp_path_factory.mktemp("eval")
@@ -146,7 +146,7 @@ def test_calibration_lowers_ece_and_reaches_the_edge(overconfident, run, tmp_pat
     from xray.train.checkpoint import read_sidecar
 
     data = run.parent / "data"
-    proc = xray_eval(overconfident, data / "test", "--calibrate", "--output-dir", tmp_path / "cal")
+    proc = xray_eval(overconfident, data / "test", "--calibrate", "--output-dir", tmp_path / "cal", "--no-embeddings")
     m = json.loads((tmp_path / "cal" / "metrics.json").read_text())
     c = m["calibration"]
     assert c["temperature"] > 1.5, "an over-confident model needs T > 1"
@@ -157,7 +157,7 @@ def test_calibration_lowers_ece_and_reaches_the_edge(overconfident, run, tmp_pat
     assert read_sidecar(overconfident)["temperature"] == pytest.approx(c["temperature"])
 
     # the same figures without --calibrate: the stored temperature is applied
-    xray_eval(overconfident, data / "test", "--output-dir", tmp_path / "again")
+    xray_eval(overconfident, data / "test", "--output-dir", tmp_path / "again", "--no-embeddings")
     again = json.loads((tmp_path / "again" / "metrics.json").read_text())
     assert again["temperature"] == pytest.approx(c["temperature"]) and again["ece"] == pytest.approx(m["ece"])
 
@@ -189,23 +189,29 @@ def _square_images(rng, n, size=64):
 
 
 def test_gradcam_follows_the_discriminative_region():
+    """A small CNN trained here to find a bright square: its Grad-CAM peak moves with the square."""
     import torch
+    from torch import nn
 
     from xray.evaluate.gradcam import gradcam
-    from xray.train.models import build_model
+    from xray.train.models import Classifier
 
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
-    model = build_model("cnn_baseline", 2, pretrained=False)
-    opt = torch.optim.Adam(model.parameters(), 1e-3)
-    model.train()
-    for _ in range(120):
+    conv = lambda i, o: [nn.Conv2d(i, o, 3, padding=1), nn.ReLU()]  # noqa: E731
+    backbone = nn.Sequential(*conv(1, 8), nn.MaxPool2d(2), *conv(8, 16), nn.MaxPool2d(2), *conv(16, 16),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+    model = Classifier(backbone, 16, 2, blocks=[], dropout=0.0)
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    for _ in range(150):
         x, y = _square_images(rng, 32)
         loss = torch.nn.functional.cross_entropy(model(torch.from_numpy(x)), torch.from_numpy(y))
         opt.zero_grad()
         loss.backward()
         opt.step()
-    model.eval()
+    x, y = _square_images(rng, 200)
+    with torch.no_grad():
+        assert (model(torch.from_numpy(x)).argmax(1).numpy() == y).mean() > 0.9, "the toy model did not learn"
     peaks = []
     for r, c in ((6, 8), (46, 44), (8, 46)):
         x = rng.normal(0, 0.3, (1, 1, 64, 64)).astype(np.float32)
@@ -214,9 +220,24 @@ def test_gradcam_follows_the_discriminative_region():
         assert cam.shape == (64, 64) and cls == 1
         assert cam.max() == pytest.approx(1.0) and cam.std() > 0.05, "the map must not be constant"
         pr, pc = np.unravel_index(np.argmax(cam), cam.shape)
-        assert abs(pr - (r + 5)) <= 14 and abs(pc - (c + 5)) <= 14, ((pr, pc), (r, c))
+        assert abs(pr - (r + 5)) <= 12 and abs(pc - (c + 5)) <= 12, ((pr, pc), (r, c))
         peaks.append((pr, pc))
     assert len(set(peaks)) == 3, "the map moves with the square"
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_b0", "resnet18", "resnet50", "cnn_baseline"])
+def test_gradcam_works_on_every_registry_cnn(name):
+    import torch
+
+    from xray.evaluate.gradcam import gradcam
+    from xray.train.models import REGISTRY, build_model
+
+    torch.manual_seed(0)
+    model = build_model(name, 3, pretrained=False)
+    x = torch.randn(1, REGISTRY[name].spec.channels, 64, 64)
+    cam, cls = gradcam(model, x)
+    assert cam.shape == (64, 64) and np.isfinite(cam).all() and 0 <= cam.min() <= cam.max() <= 1
+    assert 0 <= cls < 3
 
 
 def test_eval_writes_gradcam_and_embeddings(evaluated, run, tmp_path):

@@ -166,7 +166,7 @@ def test_depthwise_weights_keep_8_bits_and_bias_correction_recentres_logits(tmp_
     files = sorted(synthetic_raw.rglob("*.png"))[:48]
     x = np.stack([preprocess(load_image(f), spec) for f in files])
     plain = QuantSettings(reduce_range=True, full_range_depthwise=False, bias_correction_images=0)
-    tuned = QuantSettings(reduce_range=True, full_range_depthwise=True, bias_correction_images=32)
+    tuned = QuantSettings(reduce_range=True, full_range_depthwise=True, bias_correction_images=16)
     quantize(fp32, tmp_path / "plain.onnx", [b[None] for b in x[:32]], plain)
     quantize(fp32, tmp_path / "tuned.onnx", [b[None] for b in x[:32]], tuned)
 
