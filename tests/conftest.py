@@ -97,6 +97,7 @@ def tiny_onnx(tmp_path_factory):
     return path, model, spec, classes
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook turns the marks into groups
 def pytest_collection_modifyitems(items):
     """Every test that needs the shared trained run goes to one xdist worker (`--dist loadgroup`), so the
     run, its export and xray-eval's evaluation of it are built once, not once per worker."""
