@@ -53,6 +53,13 @@ def classification_metrics(y_true, y_pred, class_names) -> dict:
     }
 
 
+def softmax(logits, temperature: float = 1.0) -> np.ndarray:
+    """Row-wise softmax of logits / temperature in float64 (rows sum to 1)."""
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    z = np.exp(z - z.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
+
+
 def log_loss(y_true, probs, eps: float = 1e-12) -> float:
     """Mean cross-entropy of the true class under `probs` (N x C, rows summing to 1)."""
     p = np.asarray(probs, dtype=np.float64)

@@ -5,15 +5,7 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-
-from xray.common.metrics import log_loss
-
-
-def softmax(logits, temperature: float = 1.0) -> np.ndarray:
-    z = np.asarray(logits, dtype=np.float64) / temperature
-    z = np.exp(z - z.max(axis=1, keepdims=True))
-    return z / z.sum(axis=1, keepdims=True)
+from xray.common.metrics import log_loss, softmax
 
 
 def fit_temperature(logits, labels, low: float = 0.05, high: float = 20.0) -> float:

@@ -48,7 +48,7 @@ def main(model, data, output_dir, batch_size, threads, low_margin, per_pair, cal
     from .analysis import bootstrap_ci, evaluate, failures, hard_examples, per_source
     from .model_card import read_manifest, write_model_card
     from .backends import load_model, predict_logits
-    from .calibration import softmax
+    from xray.common.metrics import softmax
     from .report import write_report
 
     loaded = load_model(model, threads)
@@ -131,13 +131,13 @@ def fit_and_store_temperature(loaded, val_dir: Path, logits, labels, batch_size:
     """Fit T on val, record it in the checkpoint sidecar, and measure NLL / ECE before and after."""
     import numpy as np
 
-    from xray.common.metrics import log_loss
+    from xray.common.metrics import log_loss, softmax
     from xray.train.checkpoint import set_temperature
     from xray.train.data import scan_split
 
     from .analysis import expected_calibration_error
     from .backends import predict_logits
-    from .calibration import fit_temperature, softmax
+    from .calibration import fit_temperature
 
     require_checkpoint(loaded, "--calibrate")
     _, val = scan_split(val_dir, loaded.classes)

@@ -13,7 +13,7 @@ import torch
 
 from xray.common.image_spec import ImageSpec
 from xray.common.imageio import load_image
-from xray.common.metrics import classification_metrics
+from xray.common.metrics import classification_metrics, softmax
 from xray.common.preprocess import preprocess
 
 
@@ -61,11 +61,6 @@ def run_backends(samples, spec, torch_model, sessions: dict) -> dict:
             logits[name].append(sess.run(None, {sess.get_inputs()[0].name: x})[0])
         labels.append(y)
     return {k: np.concatenate(v) for k, v in logits.items()}, np.concatenate(labels)
-
-
-def softmax(z):
-    e = np.exp(z - z.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def compare(logits: dict, labels, classes) -> dict:

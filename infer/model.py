@@ -16,6 +16,7 @@ import numpy as np
 import onnxruntime as ort
 
 from xray.common.errors import XrayError
+from xray.common.metrics import softmax
 from xray.common.model_meta import ModelInfo
 
 ENV_VAR = "XRAY_MODEL"
@@ -85,9 +86,3 @@ class EdgeModel:
     def predict(self, batch: np.ndarray) -> np.ndarray:
         logits = self.session.run(None, {self.input_name: batch})[0]
         return softmax(logits)
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = np.asarray(logits, dtype=np.float64)
-    z = np.exp(z - z.max(axis=1, keepdims=True))
-    return z / z.sum(axis=1, keepdims=True)

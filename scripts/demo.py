@@ -17,7 +17,6 @@ import click
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-sys.path.insert(0, str(ROOT / "scripts"))
 
 
 def banner(text: str):

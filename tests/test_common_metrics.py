@@ -219,3 +219,14 @@ def test_metrics_markdown_without_title_or_loss():
     assert not md.startswith("##")
     assert "Loss" not in md
     assert "| A | 1 | 0 |" in md and "| B | 0 | 1 |" in md
+
+
+def test_softmax_rows_sum_to_one_and_temperature_flattens():
+    from xray.common.metrics import softmax
+
+    z = np.array([[1000.0, 0.0, -1000.0], [1.0, 2.0, 3.0]])
+    p = softmax(z)
+    np.testing.assert_allclose(p.sum(axis=1), 1.0)
+    assert p[0, 0] == pytest.approx(1.0) and np.isfinite(p).all()
+    assert softmax(z[1:], 10.0).max() < p[1].max()  # T > 1 lowers confidence, never the ranking
+    assert (softmax(z[1:], 10.0).argmax(1) == p[1:].argmax(1)).all()
