@@ -18,7 +18,9 @@ def run_command(cmd, *, check=True, env=None, cwd=None, timeout=900) -> subproce
     proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, cwd=cwd, timeout=timeout,
                           env={**os.environ, **env} if env else None)
     if check:
-        assert proc.returncode == 0, f"{cmd[:3]} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        errors = "\n".join(line for line in proc.stderr.splitlines() if "error:" in line)  # e.g. a rank's own line
+        assert proc.returncode == 0, (f"{cmd[:3]} exited {proc.returncode}\n{errors}\n{proc.stdout[-3000:]}\n"
+                                      f"{proc.stderr[-3000:]}")
     return proc
 
 

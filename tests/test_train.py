@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import sys
 
@@ -140,12 +141,30 @@ def single_process_eval(run_dir, test_dir):
     return classification_metrics(np.array(ys), probs.argmax(1), classes)
 
 
+# Rank 1 lags 3 s behind after the run name is agreed: a rank that checked "is this run folder free?" for itself
+# would then find the config.json rank 0 has just written and quit (seen in CI on a loaded machine).
+LAGGING_RANK_1 = """
+import os, time
+if os.environ.get("RANK") == "1":
+    import accelerate.utils as utils
+    agree = utils.broadcast_object_list
+    def lagging(*args, **kwargs):
+        out = agree(*args, **kwargs)
+        time.sleep(3)
+        return out
+    utils.broadcast_object_list = lagging
+"""
+
+
 def test_two_ranks_form_a_group_and_count_each_test_image_once(data, tmp_path):
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                 "--main_process_port", str(_free_port())]
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(LAGGING_RANK_1)
     proc = train("--data-dir", data, "--output-dir", tmp_path, "--run-name", "ddp", "--epochs-a", 1, "--epochs-b", 1,
-                 launcher=launcher)
+                 launcher=launcher, env={"PYTHONPATH": os.pathsep.join(filter(None, [str(hooks), os.environ.get("PYTHONPATH")]))})
     assert "2 process(es)" in proc.stdout
     metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     assert metrics["world_size"] == 2

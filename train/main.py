@@ -378,10 +378,13 @@ def train(acc: Accelerator, o: dict):
         cfg = config_from_options(o)
         if o["weights"] and not Path(o["weights"]).is_file():
             raise XrayError(f"--weights {o['weights']}: no such file")
-        name = [o["run_name"] or f"{cfg['model']}-{datetime.now():%Y%m%d-%H%M%S}"]
-        name = broadcast_object_list(name) if acc.num_processes > 1 else name
-        run_dir = Path(o["output_dir"]) / name[0]
-        if (run_dir / "config.json").exists():
+        # The main process names the run and checks it is free; every rank gets its answer. Each rank checking
+        # for itself races: a slow rank would find the config.json the main process has just written.
+        name = o["run_name"] or f"{cfg['model']}-{datetime.now():%Y%m%d-%H%M%S}"
+        decided = [name, (Path(o["output_dir"]) / name / "config.json").exists()]
+        name, taken = broadcast_object_list(decided) if acc.num_processes > 1 else decided
+        run_dir = Path(o["output_dir"]) / name
+        if taken:
             raise XrayError(f"{run_dir} already holds a run: use --resume {run_dir} or another --run-name")
     run = Run(acc, cfg, run_dir, state)
     if acc.is_main_process:
