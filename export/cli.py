@@ -32,9 +32,13 @@ from xray.common.errors import EXIT_FAILURE, XrayError, exit_on_user_error
 @click.option("--latency-runs", default=30, show_default=True, type=click.IntRange(1))
 @click.option("--bias-correction-images", default=64, show_default=True, type=click.IntRange(0),
               help="Sequential bias correction of the int8 model on this many calibration images (0: off).")
+@click.option("--gptq-images", default=64, show_default=True, type=click.IntRange(0),
+              help="GPTQ: choose the int8 weights that minimise each layer's output error on this many calibration "
+                   "images (0: plain round-to-nearest).")
 @exit_on_user_error
 def main(run_dir, checkpoint, output_dir, data_dir, eval_split, calibration_images, calibration_method, calibration_dir,
-         max_accuracy_drop, min_agreement, allow_drop, parity_tolerance, threads, latency_runs, bias_correction_images):
+         max_accuracy_drop, min_agreement, allow_drop, parity_tolerance, threads, latency_runs, bias_correction_images,
+         gptq_images):
     """Export the best checkpoint of RUN_DIR to ONNX fp32 + int8 and verify both against PyTorch."""
     from .pipeline import ExportOptions, run_export  # heavy imports after --help
 
@@ -49,6 +53,7 @@ def main(run_dir, checkpoint, output_dir, data_dir, eval_split, calibration_imag
                          calibration_dir=calibration_dir, max_accuracy_drop=max_accuracy_drop,
                          min_agreement=min_agreement, allow_drop=allow_drop, parity_tolerance=parity_tolerance,
                          threads=threads, latency_runs=latency_runs, bias_correction_images=bias_correction_images,
+                         gptq_images=gptq_images,
                          export_date=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     ok = run_export(opts)
     sys.exit(0 if ok else EXIT_FAILURE)

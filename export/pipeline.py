@@ -38,6 +38,7 @@ class ExportOptions:
     latency_runs: int
     export_date: str
     bias_correction_images: int = 64
+    gptq_images: int = 64
 
 
 def say(msg: str):
@@ -70,11 +71,11 @@ def run_export(o: ExportOptions) -> bool:
     say(f"export: {meta['model_name']} ({len(classes)} classes, {spec.input_size} px) -> {fp32}")
     export_onnx(model, spec, fp32)
     calib = stratified(calib_pool, o.calibration_images)
-    settings = default_settings(o.calibration_method, o.bias_correction_images)
+    settings = default_settings(o.calibration_method, o.bias_correction_images, o.gptq_images)
     say(f"quantize: calibrating on {len(calib)} images ({o.calibration_method}) -> {int8.name}")
     candidate = out / ".model.int8.candidate.onnx"
     # batch 1: the histogram calibrators (entropy, percentile) fail on multi-image batches
-    quantize(fp32, candidate, [x for x, _ in batches(calib, spec, 1)], settings)
+    diagnostics = quantize(fp32, candidate, [x for x, _ in batches(calib, spec, 1)], settings, log=say)
 
     say(f"verify: PyTorch vs ONNX fp32 vs ONNX int8 on {len(eval_samples)} images of {eval_dir}")
     sessions = {"onnx_fp32": session(fp32, o.threads), "onnx_int8": session(candidate, o.threads)}
@@ -120,7 +121,7 @@ def run_export(o: ExportOptions) -> bool:
     report = {"model_name": meta["model_name"], "classes": classes, "checkpoint": str(o.checkpoint),
               "checkpoint_sha256": sha, "export_date": o.export_date, "temperature": temperature or 1.0, "image_spec": spec.to_dict(),
               "eval": {"split": str(eval_dir), "images": len(labels)}, "metrics": metrics, "gate": gate,
-              "latency": latency, "quantization": settings.to_dict(), "onnxruntime": onnxruntime.__version__,
+              "latency": latency, "quantization": settings.to_dict() | diagnostics, "onnxruntime": onnxruntime.__version__,
               "files": {k: {"path": p.name, "mb": p.stat().st_size / 1e6} for k, p in files.items()},
               "size_ratio": final_int8.stat().st_size / fp32.stat().st_size}
     text = write_report(out, report)

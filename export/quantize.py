@@ -9,7 +9,9 @@ Choices, by measurement on this CPU (2 threads, batch 1, 224 px; see the issue n
   and then only for weights that go through MLAS's u8s8 GEMM: depthwise convs run in MLAS's depthwise
   kernel, which does not saturate, so they keep 8-bit weights (measured: identical fake-quant and real
   int8 agreement with 8-bit depthwise weights; 8-bit pointwise weights on AVX2 lose 13 points to saturation).
-- sequential bias correction after quantize_static: weight rounding on smooth X-ray inputs leaves a
+- GPTQ weight rounding after quantize_static (export/gptq.py): same scales, integers chosen to minimise
+  each layer's output error on calibration images instead of each weight's own rounding error.
+- sequential bias correction after GPTQ: weight rounding on smooth X-ray inputs leaves a
   per-channel DC offset that global pooling passes to the logits (EfficientNet-Lite0: logits shifted
   -0.47 on one class, agreement 0.83); each Conv/Gemm bias is re-centred on the float model's mean.
 """
@@ -26,6 +28,8 @@ from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, Q
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from xray.common.artifacts import atomic_path
+
+from .gptq import gptq_round
 
 METHODS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
            "percentile": CalibrationMethod.Percentile}
@@ -51,15 +55,17 @@ class QuantSettings:
     exclude_nodes: list[str] | None = None
     calibration_images: int = 0
     full_range_depthwise: bool = True  # 8-bit depthwise weights even with reduce_range (no saturation there)
+    gptq_images: int = 64  # GPTQ weight rounding from this many calibration images; 0: round to nearest
     bias_correction_images: int = 64  # sequential bias correction on this many calibration images; 0: off
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def default_settings(method: str = "minmax", bias_correction_images: int = 64) -> QuantSettings:
+def default_settings(method: str = "minmax", bias_correction_images: int = 64, gptq_images: int = 64) -> QuantSettings:
     """One recipe for every registry model so far; per-backbone exclusions go here once measured."""
-    return QuantSettings(method=method, reduce_range=not cpu_has_vnni(), bias_correction_images=bias_correction_images)
+    return QuantSettings(method=method, reduce_range=not cpu_has_vnni(), bias_correction_images=bias_correction_images,
+                         gptq_images=gptq_images)
 
 
 class ArrayReader(CalibrationDataReader):
@@ -81,12 +87,13 @@ class ArrayReader(CalibrationDataReader):
 
 
 def quantize(fp32_path: Path, out_path: Path, batches: list[np.ndarray], settings: QuantSettings,
-             input_name: str = "input") -> None:
-    """quant_pre_process (shape inference + graph optimisation), then quantize_static."""
+             input_name: str = "input", log=lambda msg: None) -> dict:
+    """quant_pre_process (shape inference + graph optimisation), quantize_static, GPTQ, bias correction.
+    Returns diagnostics for the report."""
     settings.calibration_images = int(sum(len(b) for b in batches))
     pre = out_path.with_name(f".{out_path.stem}.pre.onnx")
     try:
-        quantize_to(fp32_path, pre, out_path, batches, settings, input_name)
+        return quantize_to(fp32_path, pre, out_path, batches, settings, input_name, log)
     finally:
         pre.unlink(missing_ok=True)
 
@@ -138,7 +145,8 @@ def sequential_bias_correction(qdq_path, float_path, x: np.ndarray) -> None:
     onnx.save(qm, str(qdq_path))
 
 
-def quantize_to(fp32_path, pre, out_path, batches, settings, input_name):
+def quantize_to(fp32_path, pre, out_path, batches, settings, input_name, log) -> dict:
+    diagnostics = {}
     with atomic_path(out_path) as tmp:
         quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=False)
         extra = {}
@@ -153,6 +161,14 @@ def quantize_to(fp32_path, pre, out_path, batches, settings, input_name):
             calibrate_method=METHODS[settings.method], op_types_to_quantize=settings.op_types,
             nodes_to_exclude=settings.exclude_nodes or [], extra_options=extra,
         )
+        calibration = np.concatenate(batches)  # stratified: classes interleaved, so any prefix is balanced
+        if settings.gptq_images:
+            log(f"quantize: GPTQ weight rounding on {min(settings.gptq_images, len(calibration))} images")
+            errors = gptq_round(tmp, pre, calibration[:settings.gptq_images])
+            ratios = [after / before for before, after in errors.values() if before > 0]
+            diagnostics["gptq_layers"] = len(errors)
+            diagnostics["gptq_output_error_ratio_median"] = float(np.median(ratios)) if ratios else None
         if settings.bias_correction_images:
-            x = np.concatenate(batches)[:settings.bias_correction_images]  # stratified: classes interleaved
-            sequential_bias_correction(tmp, pre, x)
+            log(f"quantize: sequential bias correction on {min(settings.bias_correction_images, len(calibration))} images")
+            sequential_bias_correction(tmp, pre, calibration[:settings.bias_correction_images])
+    return diagnostics

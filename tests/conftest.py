@@ -39,7 +39,7 @@ def synthetic_raw(tmp_path_factory) -> Path:
 
 EXPORT = [sys.executable, "-c", "from xray.export.cli import main; main()"]
 INFER = [sys.executable, "-c", "from xray.infer.cli import main; main(prog_name='xray-infer')"]
-QUICK = ["--threads", "2", "--latency-runs", "3", "--bias-correction-images", "16"]  # xray-export, fast
+QUICK = ["--threads", "2", "--latency-runs", "3", "--bias-correction-images", "16", "--gptq-images", "16"]  # xray-export, fast
 
 
 def xray_export(*args, check=True):

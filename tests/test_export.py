@@ -165,8 +165,8 @@ def test_depthwise_weights_keep_8_bits_and_bias_correction_recentres_logits(tmp_
     spec = REGISTRY["efficientnet_lite0"].spec.with_size(64)
     files = sorted(synthetic_raw.rglob("*.png"))[:48]
     x = np.stack([preprocess(load_image(f), spec) for f in files])
-    plain = QuantSettings(reduce_range=True, full_range_depthwise=False, bias_correction_images=0)
-    tuned = QuantSettings(reduce_range=True, full_range_depthwise=True, bias_correction_images=16)
+    plain = QuantSettings(reduce_range=True, full_range_depthwise=False, bias_correction_images=0, gptq_images=0)
+    tuned = QuantSettings(reduce_range=True, full_range_depthwise=True, bias_correction_images=16, gptq_images=0)
     quantize(fp32, tmp_path / "plain.onnx", [b[None] for b in x[:32]], plain)
     quantize(fp32, tmp_path / "tuned.onnx", [b[None] for b in x[:32]], tuned)
 
@@ -183,3 +183,43 @@ def test_depthwise_weights_keep_8_bits_and_bias_correction_recentres_logits(tmp_
             None, {"input": x})[0]
         shift[name] = np.abs((got - ref).mean(axis=0)).max()
     assert shift["tuned"] < 0.5 * shift["plain"], shift
+
+
+def test_gptq_brings_int8_logits_closer_to_fp32_and_keeps_the_integer_ranges(tmp_path, synthetic_raw):
+    """Same scales and ranges as round-to-nearest (7-bit stays 7-bit), lower layer and logit error on held-out images."""
+    from onnx import numpy_helper
+
+    from xray.common.imageio import load_image
+    from xray.common.preprocess import preprocess
+    from xray.export.quantize import QuantSettings, quantize
+
+    fp32 = _lite0_onnx(tmp_path)
+    spec = REGISTRY["efficientnet_lite0"].spec.with_size(64)
+    files = sorted(synthetic_raw.rglob("*.png"))
+    x = np.stack([preprocess(load_image(f), spec) for f in files[:32] + files[-32:]])
+    calibration, held_out = x[::2], x[1::2]
+    nearest = QuantSettings(reduce_range=True, bias_correction_images=0, gptq_images=0)
+    gptq = QuantSettings(reduce_range=True, bias_correction_images=0, gptq_images=32)
+    quantize(fp32, tmp_path / "nearest.onnx", [b[None] for b in calibration], nearest)
+    diagnostics = quantize(fp32, tmp_path / "gptq.onnx", [b[None] for b in calibration], gptq)
+    assert diagnostics["gptq_layers"] >= 40 and diagnostics["gptq_output_error_ratio_median"] < 0.7, diagnostics
+
+    def ints(path):
+        m = onnx.load(str(path))
+        return {i.name: numpy_helper.to_array(i) for i in m.graph.initializer
+                if i.name.endswith("_quantized") and numpy_helper.to_array(i).dtype == np.int8}
+
+    a, b = ints(tmp_path / "nearest.onnx"), ints(tmp_path / "gptq.onnx")
+    assert a.keys() == b.keys() and len(a) >= 40
+    for name in a:
+        assert np.abs(b[name].astype(int)).max() <= np.abs(a[name].astype(int)).max(), name
+    moved = np.concatenate([np.abs(b[n].astype(int) - a[n].astype(int)).ravel() for n in a])
+    assert 0.05 < np.mean(moved > 0) and moved.max() == 1, np.bincount(moved)  # rounded the other way, nothing else
+
+    ref = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"]).run(None, {"input": held_out})[0]
+    error = {}
+    for name in ("nearest", "gptq"):
+        got = ort.InferenceSession(str(tmp_path / f"{name}.onnx"), providers=["CPUExecutionProvider"]).run(
+            None, {"input": held_out})[0]
+        error[name] = float(np.abs(got - ref).mean())
+    assert error["gptq"] < 0.8 * error["nearest"], error
