@@ -18,7 +18,7 @@ from xray.train.data import scan_split
 from .onnx_export import export_onnx, set_metadata
 from .quantize import default_settings, quantize
 from .report import write_report
-from .verify import batches, compare, latency_ms, run_backends, session, stratified
+from .verify import NEAR_TIE, batches, compare, flipped_images, latency_ms, run_backends, session, stratified
 
 
 @dataclass
@@ -81,6 +81,7 @@ def run_export(o: ExportOptions) -> bool:
     sessions = {"onnx_fp32": session(fp32, o.threads), "onnx_int8": session(candidate, o.threads)}
     logits, labels = run_backends(eval_samples, spec, model, sessions)
     metrics = compare(logits, labels, classes)
+    flips = flipped_images(eval_samples, labels, logits["pytorch"], logits["onnx_int8"], classes)
 
     parity = metrics["onnx_fp32"]["max_abs_logit_diff"]
     drop = (metrics["pytorch"]["accuracy"] - metrics["onnx_int8"]["accuracy"]) * 100
@@ -121,6 +122,7 @@ def run_export(o: ExportOptions) -> bool:
     report = {"model_name": meta["model_name"], "classes": classes, "checkpoint": str(o.checkpoint),
               "checkpoint_sha256": sha, "export_date": o.export_date, "temperature": temperature or 1.0, "image_spec": spec.to_dict(),
               "eval": {"split": str(eval_dir), "images": len(labels)}, "metrics": metrics, "gate": gate,
+              "int8_flips": flips, "near_tie": NEAR_TIE,
               "latency": latency, "quantization": settings.to_dict() | diagnostics, "onnxruntime": onnxruntime.__version__,
               "files": {k: {"path": p.name, "mb": p.stat().st_size / 1e6} for k, p in files.items()},
               "size_ratio": final_int8.stat().st_size / fp32.stat().st_size}

@@ -30,6 +30,19 @@ def markdown(r: dict) -> str:
                      f"**{g['int8_status']}**")
     if g.get("warning"):
         lines.append(f"- **WARNING: {g['warning']}**")
+    flips = r.get("int8_flips")
+    if flips is not None:
+        m = r["metrics"]["onnx_int8"]
+        lines += [f"- int8 changes the class of {m['flips']} of {r['eval']['images']} images; {m['flips_near_tie']} of them "
+                  f"are near-ties for PyTorch itself (top-2 probabilities within {r['near_tie']:g}). "
+                  f"Mean |Δlogit| int8 vs PyTorch: {m['mean_abs_logit_diff']:.3f}."]
+        if flips:
+            lines += ["", "### Images int8 classifies differently (widest PyTorch margin first)", "",
+                      "| image | label | PyTorch | p | top-2 gap | int8 | p |", "|---|---|---|---|---|---|---|"]
+            lines += [f"| `{f['path']}` | {f['label']} | {f['pytorch']} | {f['pytorch_probability']:.3f} | "
+                      f"{f['pytorch_top2_gap']:.3f} | {f['int8']} | {f['int8_probability']:.3f} |" for f in flips[:20]]
+            if len(flips) > 20:
+                lines.append(f"\n({len(flips) - 20} more in export_report.json)")
     lines += ["", "## Size and latency", "",
               f"Median of {r['latency']['runs']} runs, {r['latency']['threads']} threads, onnxruntime {r['onnxruntime']}.", "",
               "| model | file | size MB | batch 1 ms | batch 16 ms |", "|---|---|---|---|---|"]

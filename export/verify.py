@@ -63,9 +63,18 @@ def run_backends(samples, spec, torch_model, sessions: dict) -> dict:
     return {k: np.concatenate(v) for k, v in logits.items()}, np.concatenate(labels)
 
 
+NEAR_TIE = 0.05  # PyTorch's top-2 probabilities closer than this: a flip there is a coin toss, not a lost finding
+
+
+def top2_gap(logits: np.ndarray) -> np.ndarray:
+    p = np.sort(softmax(logits), axis=1)
+    return p[:, -1] - p[:, -2]
+
+
 def compare(logits: dict, labels, classes) -> dict:
     """Per-backend metrics, max |logit difference| vs PyTorch, prediction agreement with PyTorch."""
     ref = logits["pytorch"]
+    near_tie = top2_gap(ref) < NEAR_TIE if len(ref) else np.zeros(0, bool)
     out = {}
     for name, z in logits.items():
         m = classification_metrics(labels, z.argmax(1), classes)
@@ -73,9 +82,24 @@ def compare(logits: dict, labels, classes) -> dict:
                      "recall": {c: m["per_class"][c]["recall"] for c in classes},
                      "max_abs_logit_diff": float(np.abs(z - ref).max()) if len(z) else 0.0,
                      "max_abs_prob_diff": float(np.abs(softmax(z) - softmax(ref)).max()) if len(z) else 0.0,
+                     "mean_abs_logit_diff": float(np.abs(z - ref).mean()) if len(z) else 0.0,
                      "agreement": float((z.argmax(1) == ref.argmax(1)).mean()) if len(z) else 1.0,
+                     "flips": int((z.argmax(1) != ref.argmax(1)).sum()),
+                     "flips_near_tie": int(((z.argmax(1) != ref.argmax(1)) & near_tie).sum()),
                      "confusion_matrix": m["confusion_matrix"]}
     return out
+
+
+def flipped_images(samples, labels, ref: np.ndarray, z: np.ndarray, classes) -> list[dict]:
+    """Every image whose class differs between PyTorch (ref) and a backend (z), widest PyTorch margin first."""
+    pr, pz = softmax(ref), softmax(z)
+    gap = top2_gap(ref)
+    rows = [{"path": str(samples[i][0]), "label": classes[labels[i]],
+             "pytorch": classes[int(ref[i].argmax())], "pytorch_probability": float(pr[i].max()),
+             "pytorch_top2_gap": float(gap[i]), "int8": classes[int(z[i].argmax())],
+             "int8_probability": float(pz[i].max())}
+            for i in np.flatnonzero(ref.argmax(1) != z.argmax(1))]
+    return sorted(rows, key=lambda r: -r["pytorch_top2_gap"])
 
 
 def latency_ms(sess: ort.InferenceSession, spec: ImageSpec, batch: int, runs: int = 30, warmup: int = 5) -> float:

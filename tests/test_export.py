@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -94,6 +95,13 @@ def test_broken_quantization_is_caught_by_the_gate(run, exported, tmp_path):
     good = json.loads((exported[0] / "export_report.json").read_text())
     assert report["gate"]["int8_status"] == "FAIL, rejected"
     assert report["gate"]["agreement"] < good["gate"]["agreement"]
+    flips, m = report["int8_flips"], report["metrics"]["onnx_int8"]
+    assert len(flips) == m["flips"] == round((1 - m["agreement"]) * report["eval"]["images"]) > 0
+    assert all(f["pytorch"] != f["int8"] and f["label"] in classes for f in flips)
+    assert [f["pytorch_top2_gap"] for f in flips] == sorted((f["pytorch_top2_gap"] for f in flips), reverse=True)
+    assert m["flips_near_tie"] == sum(f["pytorch_top2_gap"] < report["near_tie"] for f in flips)
+    markdown = (out / "export_report.md").read_text()
+    assert "Images int8 classifies differently" in markdown and Path(flips[0]["path"]).name in markdown
 
     kept = tmp_path / "kept"
     proc = xray_export(run, *QUICK, "--eval-split", "val", "--calibration-dir", blank, "--output-dir", kept,
