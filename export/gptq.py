@@ -1,12 +1,12 @@
 """GPTQ weight rounding for a QDQ ONNX model (Frantar et al. 2022, "OPTQ").
 
 quantize_static rounds every weight to the nearest int8 step. Here the steps (ORT's per-channel scales)
-stay, but each layer's integers are chosen column by column so that the rounding error of one input
-column is compensated by the columns not yet rounded, weighted by the layer's input statistics
-H = X^T X from the float model on calibration images. It minimises || W x - Q x ||^2 rather than
-|| W - Q ||^2. Measured on EfficientNet-Lite0 (1200 held-out images, with the sequential bias
-correction after it): mean |int8 - PyTorch logit| 0.091 -> 0.063; layer output error 10-70x lower
-on the 1x1 convs.
+stay, and each weight is still rounded down or up, but which of the two is chosen column by column so
+that the rounding error of one input column is compensated by the columns not yet rounded, weighted
+by the layer's input statistics H = X^T X from the float model on calibration images: it minimises
+|| W x - Q x ||^2 rather than || W - Q ||^2. Measured on EfficientNet-Lite0 at 224 px (64 images,
+sequential bias correction after it, 1200 held-out images): median layer output error 0.18x of
+round-to-nearest, mean |int8 - PyTorch logit| 0.091 -> 0.060; about 20 s per export.
 """
 from __future__ import annotations
 
@@ -84,7 +84,7 @@ def nearest_steps(w: np.ndarray, scale: np.ndarray, lo: int, hi: int) -> tuple[n
     this bound GPTQ moves weights by many steps wherever the calibration inputs leave a direction
     unconstrained (late layers see few spatial positions; the classifier one vector per image), which
     fits the calibration images and hurts held-out ones."""
-    x = w / scale.reshape(-1, *([1] * (w.ndim - 1)))
+    x = w / scale[:, None]
     return np.clip(np.floor(x), lo, hi), np.clip(np.ceil(x), lo, hi)
 
 
