@@ -111,7 +111,8 @@ def run_export(o: ExportOptions) -> bool:
     verification = {"eval_split": str(eval_dir), "images": len(labels), "parity_max_abs_logit_diff": parity,
                     **{f"{k}_accuracy": v["accuracy"] for k, v in metrics.items()},
                     **{f"{k}_macro_f1": v["macro_f1"] for k, v in metrics.items()},
-                    "int8_agreement": agreement, "int8_gate": status, "temperature": temperature or 1.0}
+                    "int8_agreement": agreement, "int8_gate": status, "temperature": temperature or 1.0,
+                    "onnxruntime": onnxruntime.__version__}
     info = ModelInfo(classes=classes, spec=spec, model_name=meta["model_name"], checkpoint_sha256=sha,
                      export_date=o.export_date, verification=verification)
     set_metadata(fp32, info.to_metadata())

@@ -51,6 +51,8 @@ def main(inputs, model_path, fmt, top_k, output, threads, batch_size, workers, e
     if not inputs:
         raise XrayError("no input: give image files, folders, globs, or - to read paths from stdin (see --help)")
     model = EdgeModel(resolve_model_path(model_path), threads)
+    if warning := model.runtime_warning():
+        print(f"warning: {warning}", file=sys.stderr)
     classes = model.info.classes
     paths, input_errors = collect_inputs(inputs, sys.stdin if "-" in inputs else None)
     if evaluate:

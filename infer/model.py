@@ -83,6 +83,15 @@ class EdgeModel:
         if len(got_out) != 2 or (isinstance(got_out[1], int) and got_out[1] != n):
             raise XrayError(f"{self.path}: model output shape {got_out} disagrees with its {n} classes")
 
+    def runtime_warning(self) -> str | None:
+        """int8 results depend on onnxruntime's kernels: say so when this onnxruntime is not the one the
+        export verified the model with (major.minor differ)."""
+        verified = str(self.info.verification.get("onnxruntime", ""))
+        if self.info.precision != "int8" or not verified or verified.split(".")[:2] == ort.__version__.split(".")[:2]:
+            return None
+        return (f"{self.path.name} was verified with onnxruntime {verified}, this is {ort.__version__}: int8 results "
+                "may differ slightly; check them with xray-infer --eval on labelled images")
+
     def predict(self, batch: np.ndarray) -> np.ndarray:
         logits = self.session.run(None, {self.input_name: batch})[0]
         return softmax(logits)

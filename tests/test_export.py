@@ -38,6 +38,7 @@ def test_writes_verified_self_describing_models(run, exported):
         assert info.checkpoint_sha256 == sha256_file(run / "best.safetensors")
         assert info.precision == precision and info.model_name == "efficientnet_lite0"
         assert info.verification["images"] > 0 and "onnx_int8_accuracy" in info.verification
+        assert info.verification["onnxruntime"] == ort.__version__  # xray-infer warns when its own differs
     report = json.loads((out / "export_report.json").read_text())
     assert report["metrics"]["onnx_fp32"]["max_abs_logit_diff"] <= 1e-3
     assert report["gate"]["parity_ok"] and report["gate"]["int8_ok"]

@@ -492,3 +492,26 @@ def test_closed_pipe_is_not_a_traceback(tiny_onnx, mode_files, tmp_path):
     assert proc.wait(timeout=120) == 1
     assert json.loads(first)["file"] == str(small)
     assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_int8_model_verified_with_another_onnxruntime_warns_once(tiny_onnx, mode_files, tmp_path):
+    """int8 numerics are onnxruntime's kernels: a different major.minor than the export's gets one warning line."""
+    import onnxruntime
+
+    from xray.common.model_meta import ModelInfo
+    from xray.export.onnx_export import set_metadata
+
+    path, _, spec, classes = tiny_onnx
+    f = str(mode_files["jpeg"])
+    for precision, version, warned in (("int8", "0.1.0", True), ("int8", onnxruntime.__version__, False),
+                                       ("fp32", "0.1.0", False)):
+        model = tmp_path / f"{precision}-{version}.onnx"
+        model.write_bytes(path.read_bytes())
+        set_metadata(model, ModelInfo(classes, spec, "efficientnet_lite0", precision=precision,
+                                      verification={"onnxruntime": version}).to_metadata())
+        proc = xray_infer("-m", model, f, "-f", "json")
+        assert json.loads(proc.stdout)["predictions"][0]["prediction"] in classes
+        lines = [line for line in proc.stderr.splitlines() if "verified with onnxruntime" in line]
+        assert len(lines) == (1 if warned else 0), proc.stderr
+        if warned:
+            assert lines[0].startswith("warning: ") and "0.1.0" in lines[0] and onnxruntime.__version__ in lines[0]
