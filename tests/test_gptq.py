@@ -61,3 +61,13 @@ def test_gptq_depthwise_uses_each_channels_own_inputs():
     assert total(q) < 0.7 * total(nearest)
     shuffled = round_depthwise(w, h[::-1], scale, -127, 127)  # each channel with another channel's inputs
     assert total(q) < total(shuffled)
+
+
+def test_block_updates_give_the_same_integers_as_column_by_column():
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((8, 50))
+    x = correlated_inputs(rng, 400, 50)
+    scale = np.abs(w).max(axis=1) / 63
+    one_block = round_rows(w, x.T @ x, scale, -63, 63, block=50)
+    assert np.array_equal(round_rows(w, x.T @ x, scale, -63, 63, block=7), one_block)
+    assert np.array_equal(round_rows(w, x.T @ x, scale, -63, 63, block=1), one_block)
