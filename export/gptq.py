@@ -14,15 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-import onnxruntime as ort
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
-
-def attribute(node, name: str, default):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
+from .probe import attribute, probe_session
 
 
 def patches(x: np.ndarray, node, kernel: tuple[int, int]) -> np.ndarray:
@@ -153,11 +147,7 @@ def find_layers(float_model: onnx.ModelProto, qdq_model: onnx.ModelProto) -> dic
 def collect_hessians(float_model: onnx.ModelProto, layers: dict[str, Layer], x: np.ndarray, bs: int = 8) -> None:
     """One pass of the float model over x with every layer input as an extra output."""
     names = sorted({layer.node.input[0] for layer in layers.values()})
-    m = onnx.ModelProto()
-    m.CopyFrom(float_model)
-    have = {o.name for o in m.graph.output}
-    m.graph.output.extend(helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None) for t in names if t not in have)
-    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    sess = probe_session(float_model, names)
     input_name = sess.get_inputs()[0].name
     for i in range(0, len(x), bs):
         values = dict(zip(names, sess.run(names, {input_name: x[i:i + bs]})))

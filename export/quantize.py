@@ -22,14 +22,14 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from xray.common.artifacts import atomic_path
 
 from .gptq import gptq_round
+from .probe import attribute, probe_session
 
 METHODS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
            "percentile": CalibrationMethod.Percentile}
@@ -103,19 +103,13 @@ def depthwise_weights(model_path) -> list[str]:
     m = onnx.load(str(model_path))
     inits = {i.name for i in m.graph.initializer}
     return [n.input[1] for n in m.graph.node if n.op_type == "Conv" and n.input[1] in inits
-            and next((a.i for a in n.attribute if a.name == "group"), 1) > 1]
+            and attribute(n, "group", 1) > 1]
 
 
 def _channel_means(model: onnx.ModelProto, names: list[str], x: np.ndarray, bs: int = 16) -> dict:
     """Per-channel (axis 1) mean of each named tensor over x; graph optimisation off, so a QDQ model runs
     as its float simulation (which matches the fused int8 kernels here: agreement 0.8350 vs 0.8325)."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    have = {o.name for o in m.graph.output}
-    m.graph.output.extend(helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None) for t in names if t not in have)
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    sess = probe_session(model, names, optimize=False)
     sums, count = {t: 0.0 for t in names}, {t: 0 for t in names}
     for i in range(0, len(x), bs):
         for t, v in zip(names, sess.run(names, {sess.get_inputs()[0].name: x[i:i + bs]})):
