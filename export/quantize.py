@@ -14,6 +14,7 @@ Choices, by measurement on this CPU (2 threads, batch 1, 224 px; see the issue n
 - sequential bias correction after GPTQ: weight rounding on smooth X-ray inputs leaves a
   per-channel DC offset that global pooling passes to the logits (EfficientNet-Lite0: logits shifted
   -0.47 on one class, agreement 0.83); each Conv/Gemm bias is re-centred on the float model's mean.
+- shorter tensor names (export/compact.py): B0's int8 file 30.8 % -> 29.4 % of fp32.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from xray.common.artifacts import atomic_path
 
+from .compact import compact_names
 from .gptq import gptq_round
 from .probe import attribute, probe_session
 
@@ -165,4 +167,5 @@ def quantize_to(fp32_path, pre, out_path, batches, settings, input_name, log) ->
         if settings.bias_correction_images:
             log(f"quantize: sequential bias correction on {min(settings.bias_correction_images, len(calibration))} images")
             sequential_bias_correction(tmp, pre, calibration[:settings.bias_correction_images])
+        onnx.save(compact_names(onnx.load(str(tmp))), str(tmp))
     return diagnostics
