@@ -3,6 +3,8 @@ times the quantizer's Q/DQ suffixes were 0.4 MB of EfficientNet-B0's 4.9 MB int8
 4.5 MB), enough to miss the 30 %-of-fp32 size goal. Names stay readable: "/backbone.0.2.1/block.3.0/Conv_dq"."""
 from __future__ import annotations
 
+from collections import Counter
+
 import onnx
 
 SUFFIXES = (("_DequantizeLinear_Output", "_dq"), ("_QuantizeLinear_Output", "_q"),
@@ -28,9 +30,7 @@ def compact_names(model: onnx.ModelProto) -> onnx.ModelProto:
     tensors = ({t.name for t in g.initializer} | {s for n in g.node for s in list(n.input) + list(n.output) if s}
                | {v.name for v in g.value_info}) - io
     mapping = {t: short_name(t) for t in tensors}
-    counts: dict[str, int] = {}
-    for s in list(mapping.values()) + list(io):
-        counts[s] = counts.get(s, 0) + 1
+    counts = Counter(list(mapping.values()) + list(io))
     mapping = {t: (s if counts[s] == 1 else t) for t, s in mapping.items()}
     if len(set(mapping.values()) | io) != len(mapping) + len(io):
         return model  # a kept original equals another's short form: leave the graph as it is

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnxruntime as ort
+import torch
 from onnx import TensorProto, helper
 from onnxruntime.quantization import QuantFormat, quantize_static
 
@@ -28,8 +29,6 @@ def _run(model: onnx.ModelProto, x):
 
 
 def test_compacted_int8_model_is_smaller_and_computes_the_same(tmp_path):
-    import torch
-
     torch.manual_seed(0)
     spec = REGISTRY["efficientnet_b0"].spec.with_size(64)
     export_onnx(build_model("efficientnet_b0", 3, pretrained=False).eval(), spec, tmp_path / "fp32.onnx")
