@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -170,15 +171,50 @@ def _load_dicom(data: bytes, label: str, max_pixels: int) -> Image.Image:
     if arr.ndim == 3 and getattr(ds, "SamplesPerPixel", 1) == 1:
         arr = arr[0]  # multi-frame: the first frame
     arr = apply_modality_lut(arr, ds)
-    arr = apply_voi_lut(arr, ds) if _has_voi(ds) else arr
-    img = stretch_to_gray8(arr)
+    img = _voi_to_gray8(arr, ds, label, apply_voi_lut) if _has_voi(ds) else stretch_to_gray8(arr)
     if str(getattr(ds, "PhotometricInterpretation", "")).upper() == "MONOCHROME1":
         img = ImageOps.invert(img)  # MONOCHROME1: low values are bright; display convention wants them dark
     return img
 
 
 def _has_voi(ds) -> bool:
-    return "WindowCenter" in ds or "VOILUTSequence" in ds
+    return "VOILUTSequence" in ds or ("WindowCenter" in ds and "WindowWidth" in ds)
+
+
+def _voi_to_gray8(arr: np.ndarray, ds, label: str, apply_voi_lut) -> Image.Image:
+    """The file's own display mapping onto 0..255: the VOI LUT's output range (else the window's) sets
+    black and white, not the image's min..max (which would undo a window the pixels do not fill)."""
+    try:
+        if "VOILUTSequence" in ds:
+            bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
+            y = np.asarray(apply_voi_lut(arr, ds, prefer_lut=True), dtype=np.float64) / (2 ** bits - 1)
+        else:
+            y = _window(np.asarray(arr, dtype=np.float64), ds)
+    except Exception as e:  # malformed LUT descriptors / data, a zero window width
+        raise ImageError(f"{label}: invalid VOI LUT / window ({_reason(e)})") from None
+    if not np.isfinite(y).all():
+        raise ImageError(f"{label}: invalid VOI LUT / window (non-finite output)")
+    return Image.fromarray(np.rint(np.clip(y, 0, 1) * 255).astype(np.uint8), "L")
+
+
+def _first(value) -> float:
+    """WindowCenter / WindowWidth may hold several windows: the first is the default display."""
+    return float(value[0] if isinstance(value, Sequence) and not isinstance(value, str) else value)
+
+
+def _window(x: np.ndarray, ds) -> np.ndarray:
+    """DICOM PS3.3 C.11.2.1.2 window (LINEAR, LINEAR_EXACT or SIGMOID) onto 0..1."""
+    center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
+    function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
+    if width <= 0 or (function == "LINEAR" and width < 1):
+        raise ValueError(f"window width {width:g} with centre {center:g}")
+    if function == "SIGMOID":
+        return 1 / (1 + np.exp(-4 * (x - center) / width))
+    if function == "LINEAR_EXACT":
+        return np.clip((x - center) / width + 0.5, 0, 1)
+    if width == 1:
+        return (x > center - 0.5).astype(np.float64)
+    return np.clip((x - (center - 0.5)) / (width - 1) + 0.5, 0, 1)
 
 
 def image_size(path: str | Path) -> tuple[int, int]:

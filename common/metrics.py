@@ -114,3 +114,13 @@ def metrics_markdown(m: dict, title: str | None = None) -> str:
     for n, row in zip(names, m["confusion_matrix"]):
         lines.append(f"| {n} | " + " | ".join(str(v) for v in row) + " |")
     return "\n".join(lines) + "\n"
+
+
+def ood_separation(in_scores, out_scores) -> dict:
+    """How well an out-of-distribution score (higher = less like the training data) separates out-of-
+    distribution images from in-distribution ones: AUROC (OOD as positives), and FPR@95 — the share of
+    OOD images still accepted at the score that accepts 95 % of the in-distribution images."""
+    s_in, s_out = np.asarray(in_scores, np.float64), np.asarray(out_scores, np.float64)
+    cut = float(np.quantile(s_in, 0.95, method="higher"))
+    auroc = binary_roc_auc(np.r_[np.zeros(len(s_in), bool), np.ones(len(s_out), bool)], np.r_[s_in, s_out])
+    return {"auroc": auroc, "fpr_at_95": float((s_out <= cut).mean()) if len(s_out) else None}

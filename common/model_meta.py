@@ -12,7 +12,7 @@ from .image_spec import ImageSpec
 
 FORMAT_VERSION = "1"
 KEYS = ("xray.format_version", "xray.classes", "xray.image_spec", "xray.model_name", "xray.checkpoint_sha256",
-        "xray.export_date", "xray.precision", "xray.verification")
+        "xray.export_date", "xray.precision", "xray.verification", "xray.ood")
 
 
 @dataclass
@@ -24,12 +24,14 @@ class ModelInfo:
     export_date: str = ""
     precision: str = "fp32"
     verification: dict = field(default_factory=dict)
+    ood: dict = field(default_factory=dict)  # the guard: score, threshold, accept, ...; {} for older models
 
     def to_metadata(self) -> dict[str, str]:
         return {"xray.format_version": FORMAT_VERSION, "xray.classes": json.dumps(self.classes),
                 "xray.image_spec": self.spec.to_json(), "xray.model_name": self.model_name,
                 "xray.checkpoint_sha256": self.checkpoint_sha256, "xray.export_date": self.export_date,
-                "xray.precision": self.precision, "xray.verification": json.dumps(self.verification)}
+                "xray.precision": self.precision, "xray.verification": json.dumps(self.verification),
+                **({"xray.ood": json.dumps(self.ood)} if self.ood else {})}
 
     @classmethod
     def from_metadata(cls, meta: dict[str, str], source: str = "model") -> "ModelInfo":
@@ -40,6 +42,7 @@ class ModelInfo:
         try:
             classes = json.loads(meta["xray.classes"])
             verification = json.loads(meta.get("xray.verification") or "{}")
+            ood = json.loads(meta.get("xray.ood") or "{}")
         except json.JSONDecodeError as e:
             raise XrayError(f"{source}: corrupt xray metadata ({e})") from None
         if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
@@ -47,4 +50,4 @@ class ModelInfo:
         return cls(classes=classes, spec=ImageSpec.from_json(meta["xray.image_spec"]),
                    model_name=meta["xray.model_name"], checkpoint_sha256=meta.get("xray.checkpoint_sha256", ""),
                    export_date=meta.get("xray.export_date", ""), precision=meta.get("xray.precision", "fp32"),
-                   verification=verification)
+                   verification=verification, ood=ood)

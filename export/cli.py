@@ -1,7 +1,9 @@
 """xray-export: best checkpoint -> verified fp32 and int8 ONNX models with a report.
 
+Both models carry three outputs: logits, ood_score (with its threshold in the metadata) and cam.
+
 Exit codes: 0 exported and verified; 1 the int8 model failed the gate (fp32 kept, int8 written as
-model.int8.rejected.onnx) or fp32 parity failed; 2 bad input.
+model.int8.rejected.onnx) or fp32 parity failed (both written as *.rejected.onnx); 2 bad input.
 """
 from __future__ import annotations
 
@@ -35,10 +37,21 @@ from xray.common.errors import EXIT_FAILURE, XrayError, exit_on_user_error
 @click.option("--gptq-images", default=64, show_default=True, type=click.IntRange(0),
               help="GPTQ: choose the int8 weights that minimise each layer's output error on this many calibration "
                    "images (0: plain round-to-nearest).")
+@click.option("--ood-score", default="auto", show_default=True, type=click.Choice(["auto", "mahalanobis", "energy", "knn"]),
+              help="The out-of-distribution score put into the graph; auto: the one that best separates the val split "
+                   "from the probe sets (all three are compared in the report).")
+@click.option("--ood-accept", default=0.95, show_default=True, type=click.FloatRange(0.5, 1.0, max_open=True),
+              help="Share of in-distribution (val) images the guard's threshold accepts.")
+@click.option("--ood-fit-images", default=2000, show_default=True, type=click.IntRange(2),
+              help="Training-split images the OOD statistics are fitted on (stratified sample).")
+@click.option("--probe-images", default=12, show_default=True, type=click.IntRange(1),
+              help="Images per probe family (transformed eval images, generated non-radiographs).")
+@click.option("--min-ood-agreement", default=0.98, show_default=True, type=click.FloatRange(0, 1),
+              help="int8 gate: share of eval images + probes whose OOD decision matches PyTorch's.")
 @exit_on_user_error
 def main(run_dir, checkpoint, output_dir, data_dir, eval_split, calibration_images, calibration_method, calibration_dir,
          max_accuracy_drop, min_agreement, allow_drop, parity_tolerance, threads, latency_runs, bias_correction_images,
-         gptq_images):
+         gptq_images, ood_score, ood_accept, ood_fit_images, probe_images, min_ood_agreement):
     """Export the best checkpoint of RUN_DIR to ONNX fp32 + int8 and verify both against PyTorch."""
     from .pipeline import ExportOptions, run_export  # heavy imports after --help
 
@@ -53,7 +66,8 @@ def main(run_dir, checkpoint, output_dir, data_dir, eval_split, calibration_imag
                          calibration_dir=calibration_dir, max_accuracy_drop=max_accuracy_drop,
                          min_agreement=min_agreement, allow_drop=allow_drop, parity_tolerance=parity_tolerance,
                          threads=threads, latency_runs=latency_runs, bias_correction_images=bias_correction_images,
-                         gptq_images=gptq_images,
+                         gptq_images=gptq_images, ood_score=ood_score, ood_accept=ood_accept,
+                         ood_fit_images=ood_fit_images, probe_images=probe_images, min_ood_agreement=min_ood_agreement,
                          export_date=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     ok = run_export(opts)
     sys.exit(0 if ok else EXIT_FAILURE)

@@ -14,19 +14,21 @@ from xray.common.image_spec import ImageSpec
 from .static_pad import freeze_same_padding
 
 OPSET = 17
-INPUT_NAME, OUTPUT_NAME = "input", "logits"
+INPUT_NAME = "input"
 
 
-def export_onnx(model: torch.nn.Module, spec: ImageSpec, path: Path, opset: int = OPSET) -> None:
+def export_onnx(model: torch.nn.Module, spec: ImageSpec, path: Path, opset: int = OPSET,
+                output_names=("logits",)) -> None:
     """The TorchScript-based exporter (no onnxscript needed; graphs the quantizer accepts). Exports a
-    copy: the caller's model stays the untouched PyTorch reference the parity gate compares against."""
+    copy: the caller's model stays the untouched PyTorch reference the parity gate compares against.
+    output_names: one per model output (an EdgeGraph has three: export/edge_graph.py)."""
     model = copy.deepcopy(model).eval()
     freeze_same_padding(model, spec.channels, spec.input_size)
     example = torch.zeros(1, spec.channels, spec.input_size, spec.input_size)
     with atomic_path(path) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (example,), str(tmp), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+        torch.onnx.export(model, (example,), str(tmp), input_names=[INPUT_NAME], output_names=list(output_names),
+                          dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *output_names)},
                           opset_version=opset, do_constant_folding=True, dynamo=False)
         onnx.checker.check_model(onnx.load(str(tmp)), full_check=True)
 

@@ -4,21 +4,26 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 
 import onnxruntime
 
 from xray.common.artifacts import sha256_file
 from xray.common.errors import XrayError
+from xray.common.imageio import load_image
 from xray.common.model_meta import ModelInfo
+from xray.common.probes import probe_sets
 from xray.train.checkpoint import load_checkpoint
-from xray.train.models import TemperatureScaled
 from xray.train.data import scan_split
 
+from .edge_graph import OUTPUT_NAMES, EdgeGraph
 from .onnx_export import export_onnx, set_metadata
 from .quantize import default_settings, quantize
 from .report import write_report
-from .verify import NEAR_TIE, batches, compare, flipped_images, latency_ms, run_backends, session, stratified
+from .trust import fit_guard, verify_trust
+from .verify import (NEAR_TIE, batches, compare, file_batches, flipped_images, image_batches, latency_ms, run_backends,
+                     session, stratified)
 
 
 @dataclass
@@ -39,6 +44,11 @@ class ExportOptions:
     export_date: str
     bias_correction_images: int = 64
     gptq_images: int = 64
+    ood_score: str = "auto"
+    ood_accept: float = 0.95
+    ood_fit_images: int = 2000
+    probe_images: int = 12
+    min_ood_agreement: float = 0.98
 
 
 def say(msg: str):
@@ -53,23 +63,33 @@ def resolve_split(data_dir: Path, name: str) -> Path:
 def run_export(o: ExportOptions) -> bool:
     """Returns True when fp32 parity holds and int8 passed its gate (or --allow-drop)."""
     model, meta = load_checkpoint(o.checkpoint)
+    model.eval()  # before any forward pass: train mode would move BatchNorm's running statistics
     sha = sha256_file(o.checkpoint)
     if meta.get("weights_sha256") and meta["weights_sha256"] != sha:
         raise XrayError(f"{o.checkpoint}: weights do not match their sidecar (sha256 differs); re-save the checkpoint")
     classes, spec = meta["classes"], meta["image_spec"]
-    temperature = meta.get("temperature")
-    if temperature:  # fitted by xray-eval --calibrate: exported (and verified) as part of the graph
-        model = TemperatureScaled(model, temperature).eval()
+    temperature = meta.get("temperature")  # fitted by xray-eval --calibrate: exported (and verified) in the graph
     data_dir = Path(o.data_dir or meta.get("config", {}).get("data_dir", "data"))
     eval_dir = resolve_split(data_dir, o.eval_split)
     _, eval_samples = scan_split(eval_dir, classes)
-    _, calib_pool = scan_split(Path(o.calibration_dir) if o.calibration_dir else data_dir / "train", classes)
+    _, train_samples = scan_split(data_dir / "train", classes)
+    _, val_samples = scan_split(data_dir / "val", classes)
+    calib_pool = scan_split(Path(o.calibration_dir), classes)[1] if o.calibration_dir else train_samples
     out = o.output_dir
     out.mkdir(parents=True, exist_ok=True)
-    fp32, int8, rejected = out / "model.onnx", out / "model.int8.onnx", out / "model.int8.rejected.onnx"
+    fp32, int8 = out / "model.onnx", out / "model.int8.onnx"
+
+    fit = stratified(train_samples, o.ood_fit_images)
+    probes = probe_sets([load_image(p, draft_size=spec.resize_size) for p, _ in stratified(eval_samples, o.probe_images)],
+                        o.probe_images)
+    say(f"guard: out-of-distribution scores fitted on {len(fit)} train images, compared on {len(val_samples)} val "
+        f"images vs {sum(map(len, probes.values()))} probes in {len(probes)} families")
+    guard = fit_guard(model, spec, [p for p, _ in fit], [p for p, _ in val_samples], probes, o.ood_score, o.ood_accept)
+    say(f"guard: {guard.scorer.method} (threshold {guard.threshold:.4g}, {guard.val_acceptance * 100:.1f}% of val accepted)")
+    graph = EdgeGraph(model, guard.scorer.module(), temperature).eval()
 
     say(f"export: {meta['model_name']} ({len(classes)} classes, {spec.input_size} px) -> {fp32}")
-    export_onnx(model, spec, fp32)
+    export_onnx(graph, spec, fp32, output_names=OUTPUT_NAMES)
     calib = stratified(calib_pool, o.calibration_images)
     settings = default_settings(o.calibration_method, o.bias_correction_images, o.gptq_images)
     say(f"quantize: calibrating on {len(calib)} images ({o.calibration_method}) -> {int8.name}")
@@ -77,24 +97,37 @@ def run_export(o: ExportOptions) -> bool:
     # batch 1: the histogram calibrators (entropy, percentile) fail on multi-image batches
     diagnostics = quantize(fp32, candidate, [x for x, _ in batches(calib, spec, 1)], settings, log=say)
 
-    say(f"verify: PyTorch vs ONNX fp32 vs ONNX int8 on {len(eval_samples)} images of {eval_dir}")
+    n_probes = sum(map(len, probes.values()))
+    say(f"verify: PyTorch vs ONNX fp32 vs ONNX int8 on {len(eval_samples)} images of {eval_dir} + {n_probes} probes")
     sessions = {"onnx_fp32": session(fp32, o.threads), "onnx_int8": session(candidate, o.threads)}
-    logits, labels = run_backends(eval_samples, spec, model, sessions)
+    paths, labels = [p for p, _ in eval_samples], [label for _, label in eval_samples]
+    outputs = run_backends(chain(file_batches(paths, spec), *(image_batches(v, spec) for v in probes.values())),
+                           graph, sessions)
+    n = len(paths)
+    logits = {k: v[0][:n] for k, v in outputs.items()}
     metrics = compare(logits, labels, classes)
     flips = flipped_images(eval_samples, labels, logits["pytorch"], logits["onnx_int8"], classes)
+    rows, start = {}, n
+    for family, images in probes.items():
+        rows[family], start = slice(start, start + len(images)), start + len(images)
+    trust = verify_trust(guard, outputs, slice(0, n), rows, guard.threshold)
 
     parity = metrics["onnx_fp32"]["max_abs_logit_diff"]
+    fp32_trust = trust["backends"]["onnx_fp32"]
+    parity_trust = max(fp32_trust["ood_score_max_rel_diff"], fp32_trust["cam_max_rel_diff"])
     drop = (metrics["pytorch"]["accuracy"] - metrics["onnx_int8"]["accuracy"]) * 100
     agreement = metrics["onnx_int8"]["agreement"]
-    parity_ok = parity <= o.parity_tolerance
-    int8_ok = drop <= o.max_accuracy_drop and agreement >= o.min_agreement
+    ood_agreement = trust["backends"]["onnx_int8"]["ood_decision_agreement"]
+    parity_ok = parity <= o.parity_tolerance and parity_trust <= o.parity_tolerance
+    int8_ok = drop <= o.max_accuracy_drop and agreement >= o.min_agreement and ood_agreement >= o.min_ood_agreement
     status = "pass" if int8_ok else ("FAIL, kept by --allow-drop" if o.allow_drop else "FAIL, rejected")
-    gate = {"parity_tolerance": o.parity_tolerance, "parity_ok": parity_ok, "max_accuracy_drop": o.max_accuracy_drop,
-            "min_agreement": o.min_agreement, "accuracy_drop_points": drop, "agreement": agreement,
-            "int8_ok": int8_ok, "int8_status": status}
+    gate = {"parity_tolerance": o.parity_tolerance, "parity_ok": parity_ok, "parity_trust_max_rel_diff": parity_trust,
+            "max_accuracy_drop": o.max_accuracy_drop, "min_agreement": o.min_agreement,
+            "accuracy_drop_points": drop, "agreement": agreement, "min_ood_agreement": o.min_ood_agreement,
+            "ood_agreement": ood_agreement, "int8_ok": int8_ok, "int8_status": status}
     if not int8_ok and o.allow_drop:
-        gate["warning"] = (f"int8 failed the gate (drop {drop:.2f} points, agreement {agreement * 100:.2f}%) "
-                           "and was kept because of --allow-drop")
+        gate["warning"] = (f"int8 failed the gate (drop {drop:.2f} points, agreement {agreement * 100:.2f}%, OOD "
+                           f"decisions agree {ood_agreement * 100:.2f}%) and was kept because of --allow-drop")
 
     say(f"latency: batch 1 and 16, {o.threads} threads")
     latency = {"threads": o.threads, "runs": o.latency_runs}
@@ -104,9 +137,13 @@ def run_export(o: ExportOptions) -> bool:
     latency["speedup_batch_16"] = latency["onnx_fp32"]["batch_16"] / latency["onnx_int8"]["batch_16"]
     del sessions
 
-    final_int8 = int8 if (int8_ok or o.allow_drop) else rejected
-    for stale in (int8, rejected):
+    # a model that failed its check is never where xray-infer looks for one
+    rejected = {fp32: out / "model.rejected.onnx", int8: out / "model.int8.rejected.onnx"}
+    for stale in (int8, *rejected.values()):
         stale.unlink(missing_ok=True)
+    final_fp32 = fp32 if parity_ok else rejected[fp32]
+    final_int8 = int8 if parity_ok and (int8_ok or o.allow_drop) else rejected[int8]
+    os.replace(fp32, final_fp32)
     os.replace(candidate, final_int8)
     verification = {"eval_split": str(eval_dir), "images": len(labels), "parity_max_abs_logit_diff": parity,
                     **{f"{k}_accuracy": v["accuracy"] for k, v in metrics.items()},
@@ -114,27 +151,31 @@ def run_export(o: ExportOptions) -> bool:
                     "int8_agreement": agreement, "int8_gate": status, "temperature": temperature or 1.0,
                     "onnxruntime": onnxruntime.__version__}
     info = ModelInfo(classes=classes, spec=spec, model_name=meta["model_name"], checkpoint_sha256=sha,
-                     export_date=o.export_date, verification=verification)
-    set_metadata(fp32, info.to_metadata())
+                     export_date=o.export_date, verification=verification, ood=guard.metadata())
+    set_metadata(final_fp32, info.to_metadata())
     info.precision = "int8"
     set_metadata(final_int8, info.to_metadata())
 
-    files = {"onnx_fp32": fp32, "onnx_int8": final_int8}
+    files = {"onnx_fp32": final_fp32, "onnx_int8": final_int8}
     report = {"model_name": meta["model_name"], "classes": classes, "checkpoint": str(o.checkpoint),
               "checkpoint_sha256": sha, "export_date": o.export_date, "temperature": temperature or 1.0, "image_spec": spec.to_dict(),
               "eval": {"split": str(eval_dir), "images": len(labels)}, "metrics": metrics, "gate": gate,
               "int8_flips": flips, "near_tie": NEAR_TIE,
               "latency": latency, "quantization": settings.to_dict() | diagnostics, "onnxruntime": onnxruntime.__version__,
               "files": {k: {"path": p.name, "mb": p.stat().st_size / 1e6} for k, p in files.items()},
-              "size_ratio": final_int8.stat().st_size / fp32.stat().st_size}
+              "size_ratio": final_int8.stat().st_size / final_fp32.stat().st_size,
+              "trust": {"guard": guard.metadata(), "chosen_by": guard.chosen_by, "methods": guard.comparison,
+                        "probe_images_per_family": o.probe_images, **trust}}
     text = write_report(out, report)
     print(text)
     if not parity_ok:
-        say(f"error: ONNX fp32 differs from PyTorch by {parity:.2e} (> {o.parity_tolerance:g}); do not ship it")
+        say(f"error: ONNX fp32 differs from PyTorch by {max(parity, parity_trust):.2e} (> {o.parity_tolerance:g}); "
+            f"do not ship it (written as {final_fp32.name} and {final_int8.name})")
         return False
     if not int8_ok and not o.allow_drop:
         say(f"error: int8 failed the gate: accuracy drop {drop:.2f} points (limit {o.max_accuracy_drop:g}), agreement "
-            f"{agreement * 100:.2f}% (minimum {o.min_agreement * 100:g}%); kept {fp32.name}, wrote {rejected.name}")
+            f"{agreement * 100:.2f}% (minimum {o.min_agreement * 100:g}%), OOD decisions agree {ood_agreement * 100:.2f}% "
+            f"(minimum {o.min_ood_agreement * 100:g}%); kept {fp32.name}, wrote {final_int8.name}")
         return False
     if gate.get("warning"):
         say("WARNING: " + gate["warning"])

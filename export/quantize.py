@@ -14,6 +14,10 @@ Choices, by measurement on this CPU (2 threads, batch 1, 224 px; see the issue n
 - sequential bias correction after GPTQ: weight rounding on smooth X-ray inputs leaves a
   per-channel DC offset that global pooling passes to the logits (EfficientNet-Lite0: logits shifted
   -0.47 on one class, agreement 0.83); each Conv/Gemm bias is re-centred on the float model's mean.
+- the OOD score sub-graph computes in float (`float_scopes`): squared whitened distances have a huge
+  range, and an int8 grid calibrated on chest films would saturate exactly on the strange inputs; only
+  its whitening matrix is stored as int8 (weight-only, one scale per column: `weight_only_int8`).
+  The CAM's 1x1 convolution stays float too (int8 heatmaps then correlate with PyTorch's at 0.99+).
 - shorter tensor names (export/compact.py): B0's int8 file 30.8 % -> 29.4 % of fp32.
 """
 from __future__ import annotations
@@ -55,6 +59,7 @@ class QuantSettings:
     quant_format: str = "QDQ"
     op_types: list[str] | None = None  # None: every op type the quantizer supports
     exclude_nodes: list[str] | None = None
+    float_scopes: tuple[str, ...] = ("/ood_score/", "/cam/")  # kept in float: the trust outputs (edge_graph.py)
     calibration_images: int = 0
     full_range_depthwise: bool = True  # 8-bit depthwise weights even with reduce_range (no saturation there)
     gptq_images: int = 64  # GPTQ weight rounding from this many calibration images; 0: round to nearest
@@ -108,6 +113,37 @@ def depthwise_weights(model_path) -> list[str]:
             and attribute(n, "group", 1) > 1]
 
 
+def float_nodes(model_path, scopes) -> list[str]:
+    """Names of the nodes under the given exporter scopes (the OOD score sub-graph)."""
+    return [n.name for n in onnx.load(str(model_path)).graph.node if n.name.startswith(tuple(scopes))]
+
+
+def weight_only_int8(model: onnx.ModelProto, scopes) -> int:
+    """In place: each 2-D weight of a MatMul under `scopes` stored as int8 with one scale per output column,
+    dequantized to float before the (float) MatMul. The Mahalanobis whitening matrix is D x D floats (6.5 MB
+    for D = 1280, more than the int8 backbone); as int8 it is a quarter of that, and the score keeps its
+    float arithmetic. Returns the bytes saved."""
+    inits = {i.name: i for i in model.graph.initializer}
+    saved = 0
+    for node in [n for n in model.graph.node if n.op_type == "MatMul" and n.name.startswith(tuple(scopes))]:
+        name = node.input[1]
+        if name not in inits or len(inits[name].dims) != 2:
+            continue
+        w = numpy_helper.to_array(inits[name]).astype(np.float64)
+        scale = np.maximum(np.abs(w).max(axis=0), 1e-30) / 127.0
+        q = np.clip(np.round(w / scale), -127, 127).astype(np.int8)
+        model.graph.initializer.remove(inits[name])
+        model.graph.initializer.extend([numpy_helper.from_array(q, f"{name}_q"),
+                                        numpy_helper.from_array(scale.astype(np.float32), f"{name}_scale"),
+                                        numpy_helper.from_array(np.zeros(len(scale), np.int8), f"{name}_zero")])
+        dq = onnx.helper.make_node("DequantizeLinear", [f"{name}_q", f"{name}_scale", f"{name}_zero"], [f"{name}_dq"],
+                                   name=f"{node.name}_weight_dq", axis=1)
+        model.graph.node.insert(list(model.graph.node).index(node), dq)
+        node.input[1] = f"{name}_dq"
+        saved += w.size * 3
+    return saved
+
+
 def _channel_means(model: onnx.ModelProto, names: list[str], x: np.ndarray, bs: int = 16) -> dict:
     """Per-channel (axis 1) mean of each named tensor over x; graph optimisation off, so a QDQ model runs
     as its float simulation (which matches the fused int8 kernels here: agreement 0.8350 vs 0.8325)."""
@@ -155,7 +191,8 @@ def quantize_to(fp32_path, pre, out_path, batches, settings, input_name, log) ->
             activation_type=QuantType.QUInt8 if settings.activation_type == "uint8" else QuantType.QInt8,
             weight_type=QuantType.QInt8 if settings.weight_type == "int8" else QuantType.QUInt8,
             calibrate_method=METHODS[settings.method], op_types_to_quantize=settings.op_types,
-            nodes_to_exclude=settings.exclude_nodes or [], extra_options=extra,
+            nodes_to_exclude=(settings.exclude_nodes or []) + float_nodes(pre, settings.float_scopes),
+            extra_options=extra,
         )
         calibration = np.concatenate(batches)  # stratified: classes interleaved, so any prefix is balanced
         if settings.gptq_images:
@@ -167,5 +204,7 @@ def quantize_to(fp32_path, pre, out_path, batches, settings, input_name, log) ->
         if settings.bias_correction_images:
             log(f"quantize: sequential bias correction on {min(settings.bias_correction_images, len(calibration))} images")
             sequential_bias_correction(tmp, pre, calibration[:settings.bias_correction_images])
-        onnx.save(compact_names(onnx.load(str(tmp))), str(tmp))
+        qm = onnx.load(str(tmp))
+        diagnostics["float_scope_weights_int8_bytes_saved"] = weight_only_int8(qm, settings.float_scopes)
+        onnx.save(compact_names(qm), str(tmp))
     return diagnostics

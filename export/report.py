@@ -43,6 +43,8 @@ def markdown(r: dict) -> str:
                       f"{f['pytorch_top2_gap']:.3f} | {f['int8']} | {f['int8_probability']:.3f} |" for f in flips[:20]]
             if len(flips) > 20:
                 lines.append(f"\n({len(flips) - 20} more in export_report.json)")
+    if r.get("trust"):
+        lines += trust_section(r["trust"], r["eval"])
     lines += ["", "## Size and latency", "",
               f"Median of {r['latency']['runs']} runs, {r['latency']['threads']} threads, onnxruntime {r['onnxruntime']}.", "",
               "| model | file | size MB | batch 1 ms | batch 16 ms |", "|---|---|---|---|---|"]
@@ -58,6 +60,36 @@ def markdown(r: dict) -> str:
     if q:
         lines += ["", "## Quantization settings", ""] + [f"- {k}: `{v}`" for k, v in q.items()]
     return "\n".join(lines) + "\n"
+
+
+def trust_section(t: dict, ev: dict) -> list[str]:
+    """The out-of-distribution guard and the heatmaps: what was chosen, how well it separates, int8 vs PyTorch."""
+    g, b = t["guard"], t["backends"]
+    lines = ["", "## Out-of-distribution guard and heatmaps", "",
+             f"Score `{g['score']}` (chosen by {t['chosen_by']}), fitted on {g['fit_images']} training images; "
+             f"threshold {g['threshold']:.4g} accepts {g['val_acceptance'] * 100:.1f}% of {g['val_images']} val images "
+             f"(target {g['accept'] * 100:g}%). In-distribution acceptance on the {ev['images']} eval images: "
+             + ", ".join(f"{k} {v['in_distribution_acceptance'] * 100:.1f}%" for k, v in b.items()) + ".", "",
+             "| probe family | group | images | AUROC | FPR@95 | flagged PyTorch | flagged fp32 | flagged int8 |",
+             "|---|---|---|---|---|---|---|---|"]
+    for f, m in t["families"].items():
+        lines.append(f"| {f} | {m['group']} | {m['images']} | {m['auroc']:.3f} | {m['fpr_at_95']:.3f} | "
+                     f"{m['flagged_pytorch'] * 100:.0f}% | {m['flagged_onnx_fp32'] * 100:.0f}% | "
+                     f"{m['flagged_onnx_int8'] * 100:.0f}% |")
+    lines += ["", "Candidate scores (val split vs every probe family; mean over families):", "",
+              "| score | mean AUROC | mean FPR@95 | worst family AUROC |", "|---|---|---|---|"]
+    for name, m in t["methods"].items():
+        worst = min(m["families"].items(), key=lambda kv: kv[1]["auroc"])
+        lines.append(f"| {name}{' (shipped)' if name == g['score'] else ''} | {m['mean_auroc']:.3f} | "
+                     f"{m['mean_fpr_at_95']:.3f} | {worst[1]['auroc']:.3f} ({worst[0]}) |")
+    lines += ["", "| backend | OOD decisions = PyTorch | OOD score max rel. diff | mean rel. drift | "
+                  "heatmap correlation mean / min (eval images) | heatmap max rel. diff |", "|---|---|---|---|---|---|"]
+    for k, v in b.items():
+        if k != "pytorch":
+            lines.append(f"| {k} | {v['ood_decision_agreement'] * 100:.2f}% | {v['ood_score_max_rel_diff']:.2e} | "
+                         f"{v['ood_score_mean_rel_drift']:.2e} | {v['cam_correlation_mean']:.4f} / "
+                         f"{v['cam_correlation_min']:.4f} | {v['cam_max_rel_diff']:.2e} |")
+    return lines
 
 
 def write_report(out_dir: Path, report: dict) -> str:

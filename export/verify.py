@@ -25,12 +25,22 @@ def session(path, threads: int) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
+def file_batches(paths, spec: ImageSpec, size: int = 32):
+    """float32 N x C x H x W batches of image files, in order."""
+    for i in range(0, len(paths), size):
+        yield np.stack([preprocess(load_image(p, draft_size=spec.resize_size), spec) for p in paths[i:i + size]])
+
+
+def image_batches(images, spec: ImageSpec, size: int = 32):
+    """float32 N x C x H x W batches of grayscale PIL images (the probe sets)."""
+    for i in range(0, len(images), size):
+        yield np.stack([preprocess(im, spec) for im in images[i:i + size]])
+
+
 def batches(samples, spec: ImageSpec, size: int = 32):
     """(float32 N x C x H x W, labels) over (path, label) samples, in order."""
-    for i in range(0, len(samples), size):
-        chunk = samples[i:i + size]
-        yield (np.stack([preprocess(load_image(p, draft_size=spec.resize_size), spec) for p, _ in chunk]),
-               np.array([label for _, label in chunk]))
+    for i, x in zip(range(0, len(samples), size), file_batches([p for p, _ in samples], spec, size)):
+        yield x, np.array([label for _, label in samples[i:i + size]])
 
 
 def stratified(samples, n: int, seed: int = 0):
@@ -49,18 +59,18 @@ def stratified(samples, n: int, seed: int = 0):
     return out
 
 
-def run_backends(samples, spec, torch_model, sessions: dict) -> dict:
-    """Logits of every backend ('pytorch' + each ONNX session) over the samples, and the labels."""
-    logits = {"pytorch": []} | {k: [] for k in sessions}
-    labels = []
+def run_backends(xs, torch_model, sessions: dict) -> dict:
+    """Every output of every backend ('pytorch' + each ONNX session) over the input batches:
+    backend -> [output 0 (the logits), output 1, ...], each concatenated over the batches."""
+    runs = {"pytorch": []} | {k: [] for k in sessions}
     torch_model.eval()
-    for x, y in batches(samples, spec):
+    for x in xs:
         with torch.no_grad():
-            logits["pytorch"].append(torch_model(torch.from_numpy(x)).numpy())
+            out = torch_model(torch.from_numpy(x))
+        runs["pytorch"].append([t.numpy() for t in (out if isinstance(out, tuple) else (out,))])
         for name, sess in sessions.items():
-            logits[name].append(sess.run(None, {sess.get_inputs()[0].name: x})[0])
-        labels.append(y)
-    return {k: np.concatenate(v) for k, v in logits.items()}, np.concatenate(labels)
+            runs[name].append(sess.run(None, {sess.get_inputs()[0].name: x}))
+    return {k: [np.concatenate(parts) for parts in zip(*v)] for k, v in runs.items()}
 
 
 NEAR_TIE = 0.05  # PyTorch's top-2 probabilities closer than this: a flip there is a coin toss, not a lost finding

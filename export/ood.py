@@ -1,0 +1,131 @@
+"""Out-of-distribution scores: fitted on training-split features, compared on probe sets, one shipped.
+
+Three candidates, each a higher-is-stranger score over the pooled penultimate features (or logits):
+  mahalanobis  class-agnostic Mahalanobis distance (Lee et al. 2018) of the L2-normalised features, with a
+               Ledoit-Wolf shrunk covariance (D = 1280 features vs a few hundred images: the sample
+               covariance is singular); mean squared whitened distance per dimension, ~1 in distribution
+  energy       -logsumexp(logits) (Liu et al. 2020), on the un-tempered logits
+  knn          1 - cosine similarity to the k-th nearest training feature (Sun et al. 2022)
+Each has a numpy reference (`score`, float64) and a torch module (`module`) that xray-export puts
+into the ONNX graph; a test holds them equal.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from xray.common.metrics import ood_separation
+
+METHODS = ("mahalanobis", "energy", "knn")
+KNN_K = 5
+
+
+def l2_normalise(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+@dataclass
+class OodScorer:
+    method: str
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @classmethod
+    def fit(cls, method: str, features: np.ndarray) -> "OodScorer":
+        """features: N x D pooled training-split features."""
+        if method == "energy":
+            return cls(method)
+        z = l2_normalise(features)
+        if method == "knn":
+            return cls(method, {"bank": z})
+        if method != "mahalanobis":
+            raise ValueError(f"unknown OOD score {method!r}; choose from {', '.join(METHODS)}")
+        from sklearn.covariance import LedoitWolf
+
+        mean = z.mean(axis=0)
+        cov = LedoitWolf(assume_centered=True).fit(z - mean).covariance_
+        eigval, eigvec = np.linalg.eigh(cov)
+        whiten = eigvec / np.sqrt(np.maximum(eigval, 1e-12 * eigval.max()))
+        return cls(method, {"mean": mean, "whiten": whiten / np.sqrt(z.shape[1])})
+
+    def score(self, features: np.ndarray, logits: np.ndarray) -> np.ndarray:
+        """The float64 reference: N scores, higher = less like the training data."""
+        if self.method == "energy":
+            z = np.asarray(logits, np.float64)
+            top = z.max(axis=1)
+            return -(top + np.log(np.exp(z - top[:, None]).sum(axis=1)))
+        z = l2_normalise(features)
+        if self.method == "knn":
+            sim = z @ self.arrays["bank"].T
+            return 1.0 - np.sort(sim, axis=1)[:, -min(KNN_K, sim.shape[1])]
+        return (((z - self.arrays["mean"]) @ self.arrays["whiten"]) ** 2).sum(axis=1)
+
+    def module(self) -> nn.Module:
+        return _MODULES[self.method]({k: torch.from_numpy(v.astype(np.float32)) for k, v in self.arrays.items()})
+
+    def sha256(self) -> str:
+        h = hashlib.sha256(self.method.encode())
+        for k in sorted(self.arrays):
+            h.update(k.encode() + np.ascontiguousarray(self.arrays[k], np.float32).tobytes())
+        return h.hexdigest()
+
+
+class _Mahalanobis(nn.Module):
+    def __init__(self, a):
+        super().__init__()
+        self.register_buffer("mean", a["mean"])
+        self.register_buffer("whiten", a["whiten"])
+
+    def forward(self, features, logits):
+        return ((F.normalize(features, dim=1) - self.mean) @ self.whiten).pow(2).sum(dim=1)
+
+
+class _Energy(nn.Module):
+    def __init__(self, a):
+        super().__init__()
+
+    def forward(self, features, logits):
+        return -torch.logsumexp(logits, dim=1)
+
+
+class _Knn(nn.Module):
+    def __init__(self, a):
+        super().__init__()
+        self.register_buffer("bank", a["bank"])
+        self.k = min(KNN_K, len(a["bank"]))
+
+    def forward(self, features, logits):
+        sim = F.normalize(features, dim=1) @ self.bank.T
+        return 1.0 - sim.topk(self.k, dim=1).values[:, -1]
+
+
+_MODULES = {"mahalanobis": _Mahalanobis, "energy": _Energy, "knn": _Knn}
+
+
+def fit_threshold(val_scores: np.ndarray, accept: float) -> float:
+    """The score at which `accept` of the in-distribution (val) images are accepted (score <= threshold)."""
+    return float(np.quantile(np.asarray(val_scores, np.float64), accept, method="higher"))
+
+
+def compare_methods(train, val, probes: dict) -> dict:
+    """Fit every method on train, measure val vs each probe family. train/val: (features, logits);
+    probes: family -> (features, logits). Returns method -> {scorer, mean_auroc, mean_fpr_at_95, families}."""
+    out = {}
+    for method in METHODS:
+        scorer = OodScorer.fit(method, train[0])
+        s_val = scorer.score(*val)
+        fam = {f: ood_separation(s_val, scorer.score(*p)) for f, p in probes.items()}
+        out[method] = {"scorer": scorer, "families": fam,
+                       "mean_auroc": float(np.mean([m["auroc"] for m in fam.values()])),
+                       "mean_fpr_at_95": float(np.mean([m["fpr_at_95"] for m in fam.values()]))}
+    return out
+
+
+def best_method(comparison: dict) -> str:
+    """Highest mean AUROC over probe families; ties broken by the lower mean FPR@95."""
+    return max(comparison, key=lambda m: (round(comparison[m]["mean_auroc"], 4), -comparison[m]["mean_fpr_at_95"]))
