@@ -13,6 +13,9 @@ EPILOG = """\b
 Model: --model, else $XRAY_MODEL, else the newest runs/*/export/ below the current directory
 (model.int8.onnx, else model.onnx). Classes and preprocessing come from the model's metadata.
 \b
+Out-of-distribution guard (models from xray-export with it): ood / ood_score per image; a flagged
+image gets a note on stderr. --ood-action abstain replaces its prediction with OUT_OF_DISTRIBUTION.
+\b
 Exit codes: 0 every input was classified; 1 some inputs failed (each named on stderr, the others
 are still in the output); 2 nothing could run (no inputs, bad model, bad option); 130 interrupted.
 """
@@ -36,14 +39,20 @@ are still in the output); 2 nothing could run (no inputs, bad model, bad option)
                    "per-class precision/recall/F1 and the confusion matrix.")
 @click.option("--max-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_PIXELS, show_default=True,
               help="Refuse larger images from their header, before decoding (decompression bombs).")
+@click.option("--ood-action", type=click.Choice(["flag", "abstain"]), default="flag", show_default=True,
+              help="Images the out-of-distribution guard flags: flag (ood=true, prediction kept) or abstain "
+                   "(prediction OUT_OF_DISTRIBUTION, with the reason).")
+@click.option("--heatmap", "heatmap_dir", type=click.Path(file_okay=False), metavar="DIR",
+              help="Write one PNG per image to DIR: the image with the predicted class's activation map over it.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @exit_on_user_error
-def main(inputs, model_path, fmt, top_k, output, threads, batch_size, workers, evaluate, max_pixels, quiet):
+def main(inputs, model_path, fmt, top_k, output, threads, batch_size, workers, evaluate, max_pixels, ood_action,
+         heatmap_dir, quiet):
     """Classify chest X-ray images: files, folders (recursive), globs, or - to read paths from stdin.
 
     JPEG, PNG (8/16-bit, RGB(A), palette), TIFF, BMP, WebP, and DICOM (.dcm, needs the [dicom] extra).
     """
-    from .formats import WRITERS
+    from .formats import WRITERS, ood_reason
     from .inputs import collect_inputs
     from .model import EdgeModel, cpu_count, resolve_model_path
     from .predict import Result, predict_files
@@ -53,6 +62,12 @@ def main(inputs, model_path, fmt, top_k, output, threads, batch_size, workers, e
     model = EdgeModel(resolve_model_path(model_path), threads)
     if warning := model.runtime_warning():
         print(f"warning: {warning}", file=sys.stderr)
+    if note := model.guard_note():
+        click.echo(f"note: {note}", err=True)
+    if heatmap_dir and not model.has_cam:
+        raise XrayError(f"--heatmap: {model.path.name} has no class activation maps (exported before they existed); "
+                        "re-export it with xray-export")
+    guard = model.info.ood if model.has_guard else None
     classes = model.info.classes
     paths, input_errors = collect_inputs(inputs, sys.stdin if "-" in inputs else None)
     if evaluate:
@@ -62,19 +77,25 @@ def main(inputs, model_path, fmt, top_k, output, threads, batch_size, workers, e
     results = []
     width = max((len(p) for p in paths), default=4)
     with open_output(output) as out:
-        writer = WRITERS[fmt](out, classes, top_k, width)
+        writer = WRITERS[fmt](out, classes, top_k, width, guard, ood_action)
+        heatmaps = Heatmaps(heatmap_dir, model.info.spec, writer) if heatmap_dir else None
         writer.start(model_description(model))
         for arg, message in input_errors:
             failed += 1
             report_error(message)
             writer.row(Result(arg, error=message))
-        stream = predict_files(model, paths, batch_size, cpu_count() if workers is None else workers, max_pixels)
+        stream = predict_files(model, paths, batch_size, cpu_count() if workers is None else workers, max_pixels,
+                               cam=heatmaps is not None)
         with progress(len(paths), quiet or len(paths) <= batch_size) as bar:
             for result in stream:
                 bar.update(1)
                 if result.error:
                     failed += 1
                     report_error(result.error)
+                elif result.ood:
+                    click.echo(f"note: {result.path}: {ood_reason(result, guard)}", err=True)
+                if heatmaps and result.probs is not None:
+                    heatmaps.write(result, max_pixels)
                 writer.row(result)
                 if evaluate:
                     results.append(result)
@@ -85,6 +106,33 @@ def main(inputs, model_path, fmt, top_k, output, threads, batch_size, workers, e
                 click.echo(text, err=True, nl=False)  # stdout stays machine-readable
         writer.finish(metrics, text)
     sys.exit(EXIT_FAILURE if failed else EXIT_OK)
+
+
+class Heatmaps:
+    """--heatmap DIR: one overlay PNG per classified image, named <stem>.<prediction>_<probability>.png."""
+
+    def __init__(self, folder, spec, writer):
+        from pathlib import Path
+
+        self.folder, self.spec, self.writer, self.used = Path(folder), spec, writer, set()
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def write(self, result, max_pixels):
+        import numpy as np
+
+        from xray.common.imageio import load_image
+
+        from .heatmap import heatmap_name, write_heatmap
+
+        rec = self.writer.record(result)
+        best = int(np.argmax(result.probs))
+        prob = rec["probability"]
+        caption = f"{rec['prediction']} {prob:.2f}" if prob is not None else rec["prediction"]
+        if rec.get("ood"):
+            caption += " (not like the training data)" if prob is not None else ""
+        name = heatmap_name(result.path, rec["prediction"], prob, self.used)
+        image = load_image(result.path, max_pixels=max_pixels)
+        write_heatmap(self.folder, name, image, result.cam[best], self.spec, caption)
 
 
 def report_error(message: str):
@@ -118,7 +166,8 @@ class _NoBar:
 def model_description(model) -> dict:
     i = model.info
     return {"path": str(model.path), "model_name": i.model_name, "precision": i.precision, "classes": i.classes,
-            "image_size": i.spec.input_size, "checkpoint_sha256": i.checkpoint_sha256, "export_date": i.export_date}
+            "image_size": i.spec.input_size, "checkpoint_sha256": i.checkpoint_sha256, "export_date": i.export_date,
+            **({"ood_guard": i.ood} if model.has_guard else {})}
 
 
 def eval_labels(paths, classes) -> dict:
@@ -147,7 +196,13 @@ def eval_metrics(results, labels, classes):
         return None, "--eval: no image could be scored\n"
     y_true, y_pred = zip(*scored)
     metrics = classification_metrics(y_true, y_pred, classes)
-    return metrics, metrics_markdown(metrics, title=f"Evaluation ({len(scored)} images)")
+    text = metrics_markdown(metrics, title=f"Evaluation ({len(scored)} images)")
+    guarded = [r.ood for r in results if r.probs is not None and r.path in labels and r.ood is not None]
+    if guarded:  # every scored image is in distribution by construction: the guard should accept it
+        metrics["ood_acceptance"] = 1.0 - sum(guarded) / len(guarded)
+        text += (f"\nOut-of-distribution guard: {len(guarded) - sum(guarded)} of {len(guarded)} images accepted "
+                 f"({metrics['ood_acceptance'] * 100:.1f}%), {sum(guarded)} flagged.\n")
+    return metrics, text
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ Which model (first match wins):
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -47,8 +48,20 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+@dataclass
+class Outputs:
+    """One batch through the model: probabilities (rows sum to 1), and where the model has them the
+    out-of-distribution score and flag (score above the model's threshold) and the class activation maps."""
+
+    probs: np.ndarray
+    ood_score: np.ndarray | None = None
+    ood: np.ndarray | None = None
+    cam: np.ndarray | None = None
+
+
 class EdgeModel:
-    """An xray-edge ONNX model: `predict(batch)` -> class probabilities (rows sum to 1)."""
+    """An xray-edge ONNX model: `predict(batch)` -> Outputs. Models exported before the trust outputs
+    existed have only logits: `has_guard` / `has_cam` are then False and those fields stay None."""
 
     def __init__(self, path: Path, threads: int = 0):
         self.path = Path(path)
@@ -70,6 +83,10 @@ class EdgeModel:
         meta = self.session.get_modelmeta().custom_metadata_map
         self.info = ModelInfo.from_metadata(meta, source=str(self.path))
         self.input_name = self.session.get_inputs()[0].name
+        names = [o.name for o in self.session.get_outputs()]
+        self.has_guard = "ood_score" in names and "threshold" in self.info.ood
+        self.has_cam = "cam" in names
+        self._outputs = [names[0]] + (["ood_score"] if self.has_guard else [])
         self._check_shapes()
 
     def _check_shapes(self):
@@ -92,6 +109,19 @@ class EdgeModel:
         return (f"{self.path.name} was verified with onnxruntime {verified}, this is {ort.__version__}: int8 results "
                 "may differ slightly; check them with xray-infer --eval on labelled images")
 
-    def predict(self, batch: np.ndarray) -> np.ndarray:
-        logits = self.session.run(None, {self.input_name: batch})[0]
-        return softmax(logits)
+    def guard_note(self) -> str | None:
+        """One line for models without the out-of-distribution guard."""
+        if self.has_guard:
+            return None
+        return (f"{self.path.name} has no out-of-distribution guard (exported before it existed): every image gets "
+                "a diagnosis; re-export it with xray-export to get ood / ood_score")
+
+    def predict(self, batch: np.ndarray, cam: bool = False) -> Outputs:
+        """cam=True also returns the class activation maps (N x classes x h x w) when the model has them."""
+        names = self._outputs + (["cam"] if cam and self.has_cam else [])
+        got = dict(zip(names, self.session.run(names, {self.input_name: batch})))
+        out = Outputs(softmax(got[names[0]]), cam=got.get("cam"))
+        if self.has_guard:
+            out.ood_score = got["ood_score"].astype(np.float64)
+            out.ood = out.ood_score > float(self.info.ood["threshold"])
+        return out

@@ -26,6 +26,9 @@ class Result:
     path: str
     probs: np.ndarray | None = None  # float64, sums to 1
     error: str | None = None
+    ood_score: float | None = None  # None: the model has no out-of-distribution guard
+    ood: bool | None = None  # the score is above the model's threshold: not like the training data
+    cam: np.ndarray | None = None  # classes x h x w, only when asked for (--heatmap)
 
 
 def prepare(path: str, spec: ImageSpec, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
@@ -41,12 +44,13 @@ def _prepare_or_error(path, spec, max_pixels):
 
 
 def predict_files(model: EdgeModel, paths: list[str], batch_size: int = 16, workers: int = 2,
-                  max_pixels: int = DEFAULT_MAX_PIXELS):
-    """Yield a Result per path, in order. A file that cannot be decoded yields its error; the rest go on."""
+                  max_pixels: int = DEFAULT_MAX_PIXELS, cam: bool = False):
+    """Yield a Result per path, in order. A file that cannot be decoded yields its error; the rest go on.
+    cam=True: each Result also carries its class activation maps."""
     spec = model.info.spec
     if workers <= 0 or len(paths) == 1:  # one image: a pool only adds start-up time
         for chunk in _chunks(paths, batch_size):
-            yield from _run(model, [(p, *_prepare_or_error(p, spec, max_pixels)) for p in chunk])
+            yield from _run(model, [(p, *_prepare_or_error(p, spec, max_pixels)) for p in chunk], cam)
         return
     lookahead = batch_size + 2 * workers  # bounded: a folder of 100k files never sits in memory at once
     with ThreadPoolExecutor(workers, thread_name_prefix="xray-decode") as pool:
@@ -60,10 +64,10 @@ def predict_files(model: EdgeModel, paths: list[str], batch_size: int = 16, work
                 pending.append((nxt, pool.submit(_prepare_or_error, nxt, spec, max_pixels)))
             batch.append((path, *future.result()))
             if len(batch) == batch_size:
-                yield from _run(model, batch)
+                yield from _run(model, batch, cam)
                 batch = []
         if batch:
-            yield from _run(model, batch)
+            yield from _run(model, batch, cam)
 
 
 def _chunks(paths, n):
@@ -71,10 +75,15 @@ def _chunks(paths, n):
         yield paths[i:i + n]
 
 
-def _run(model: EdgeModel, batch):
+def _run(model: EdgeModel, batch, cam: bool = False):
     """batch: [(path, array | None, error | None)] -> Results in the same order."""
     ok = [i for i, (_, arr, _) in enumerate(batch) if arr is not None]
-    probs = model.predict(np.stack([batch[i][1] for i in ok])) if ok else []
-    by_index = dict(zip(ok, probs))
+    out = model.predict(np.stack([batch[i][1] for i in ok]), cam=cam) if ok else None
+    row = {i: k for k, i in enumerate(ok)}
     for i, (path, _, error) in enumerate(batch):
-        yield Result(path, by_index.get(i), error)
+        if i not in row:
+            yield Result(path, error=error)
+            continue
+        k = row[i]
+        yield Result(path, out.probs[k], ood_score=None if out.ood_score is None else float(out.ood_score[k]),
+                     ood=None if out.ood is None else bool(out.ood[k]), cam=None if out.cam is None else out.cam[k])

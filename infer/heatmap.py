@@ -1,0 +1,73 @@
+"""--heatmap: the original image with the predicted class's activation map over it, as a PNG (numpy + PIL).
+
+The map (h x w, e.g. 7 x 7 at 224 px) covers the model's input, which is the whole image for the
+"squash" resize rule and the centre crop otherwise; it is drawn over that region of the original.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from xray.common.artifacts import atomic_path
+from xray.common.image_spec import ImageSpec
+
+ALPHA = 0.45  # weight of the colour map where the model looked hardest
+
+
+def jet(x: np.ndarray) -> np.ndarray:
+    """[0, 1] -> RGB uint8, the classic blue-cyan-yellow-red ramp."""
+    x = np.clip(x, 0.0, 1.0)[..., None]
+    rgb = np.clip(1.5 - np.abs(4.0 * x - np.array([3.0, 2.0, 1.0])), 0.0, 1.0)
+    return (rgb * 255).astype(np.uint8)
+
+
+def input_region(size: tuple[int, int], spec: ImageSpec) -> tuple[int, int, int, int]:
+    """The box of the original image (w, h) that preprocessing turns into the model's input."""
+    w, h = size
+    if spec.resize_mode == "squash":
+        return 0, 0, w, h
+    scale = spec.resize_size / min(w, h)
+    new_w, new_h = round(w * scale), round(h * scale)
+    left, top = (new_w - spec.input_size) / 2 / scale, (new_h - spec.input_size) / 2 / scale
+    side = spec.input_size / scale
+    return round(left), round(top), round(left + side), round(top + side)
+
+
+def overlay(image: Image.Image, cam: np.ndarray, spec: ImageSpec, caption: str) -> Image.Image:
+    """image: 8-bit grayscale original; cam: h x w map of one class (ReLU'd and scaled to [0, 1] here)."""
+    heat = np.maximum(np.asarray(cam, np.float32), 0)
+    heat = heat / heat.max() if heat.max() > 0 else heat
+    box = input_region(image.size, spec)
+    canvas = Image.new("F", image.size, 0.0)  # paste clips what falls outside the image
+    canvas.paste(Image.fromarray(heat, "F").resize((box[2] - box[0], box[3] - box[1]), Image.Resampling.BILINEAR), box[:2])
+    full = np.asarray(canvas)
+    gray = np.asarray(image.convert("RGB"), np.float32)
+    a = (ALPHA * full)[..., None]
+    out = Image.fromarray((gray * (1 - a) + jet(full).astype(np.float32) * a).astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(out)
+    font = ImageFont.load_default(size=max(10, image.size[1] // 30))
+    left, top, right, bottom = draw.textbbox((4, 4), caption, font=font)
+    draw.rectangle((0, 0, right + 4, bottom + 4), fill=(0, 0, 0))
+    draw.text((4, 4), caption, fill=(255, 255, 255), font=font)
+    return out
+
+
+def heatmap_name(path: str, label: str, probability: float | None, used: set) -> str:
+    """<stem>.<CLASS>_<probability>.png, with -2, -3, ... when two inputs share a stem."""
+    p = f"_{probability:.2f}" if probability is not None else ""
+    base = f"{Path(path).stem}.{label}{p}"
+    name, k = f"{base}.png", 1
+    while name in used:
+        k += 1
+        name = f"{base}-{k}.png"
+    used.add(name)
+    return name
+
+
+def write_heatmap(out_dir: Path, name: str, image: Image.Image, cam: np.ndarray, spec: ImageSpec, caption: str) -> Path:
+    path = Path(out_dir) / name
+    with atomic_path(path) as tmp:
+        overlay(image, cam, spec, caption).save(tmp, format="PNG")
+    return path
