@@ -20,7 +20,8 @@ def _plt():
 
 def _save(fig, path: Path):
     plt = _plt()
-    fig.tight_layout()
+    if fig.get_layout_engine() is None:  # contact sheets bring their own (constrained) layout
+        fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
@@ -102,6 +103,20 @@ def probability_histograms(probs, labels, classes, path: Path):
     _save(fig, path)
 
 
+def _sheet(n: int, per_row: int, cell: float, caption_lines: int, fontsize: float = 7):
+    """A grid of square image cells, each with room for its caption above it. The constrained layout
+    places every caption between its image and the row above; tight_layout let a second row's
+    captions run into the first row's images (the aspect-locked images fill the cell)."""
+    plt = _plt()
+    rows, cols = -(-n // per_row), min(per_row, n)
+    caption_in = caption_lines * fontsize * 1.3 / 72 + 0.1
+    fig, axes = plt.subplots(rows, cols, figsize=(cell * cols, (cell + caption_in) * rows), squeeze=False,
+                             layout="constrained")
+    for ax in axes.flat:
+        ax.axis("off")
+    return fig, axes
+
+
 def failure_sheet(failures: dict, path: Path, thumb: int = 160, per_row: int = 6):
     """Thumbnails of the most confident wrong predictions, captioned true -> predicted (probability)."""
     from xray.common.imageio import load_image
@@ -114,11 +129,7 @@ def failure_sheet(failures: dict, path: Path, thumb: int = 160, per_row: int = 6
         ax.text(0.5, 0.5, "no misclassified images", ha="center", va="center")
         _save(fig, path)
         return
-    rows = -(-len(items) // per_row)
-    cols = min(per_row, len(items))
-    fig, axes = plt.subplots(rows, cols, figsize=(2.1 * cols, 2.4 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
+    fig, axes = _sheet(len(items), per_row, cell=2.1, caption_lines=2)
     for ax, (t, q, f) in zip(axes.flat, items):
         img = load_image(f["path"], draft_size=thumb)
         img.thumbnail((thumb, thumb))
@@ -129,11 +140,8 @@ def failure_sheet(failures: dict, path: Path, thumb: int = 160, per_row: int = 6
 
 def gradcam_sheet(entries, path: Path, per_row: int = 6):
     """entries: [(model-view gray image HxW uint8, cam HxW in [0, 1], caption)] -> heatmaps over the images."""
-    plt = _plt()
-    rows, cols = -(-len(entries) // per_row), min(per_row, len(entries))
-    fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols, 2.6 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
+    lines = max((caption.count("\n") + 1 for _, _, caption in entries), default=1)
+    fig, axes = _sheet(len(entries), per_row, cell=2.3, caption_lines=lines)
     for ax, (img, cam, caption) in zip(axes.flat, entries):
         ax.imshow(img, cmap="gray", vmin=0, vmax=255)
         ax.imshow(cam, cmap="jet", alpha=0.4, vmin=0, vmax=1)

@@ -165,6 +165,26 @@ def write_resized(src: Path, dst: Path, size: int):
     img.save(dst.with_suffix(".png"), "PNG")
 
 
+def build_split(records, raw: Path, tmp: Path, copy_files: bool, prepare_size: int | None):
+    """Link (or copy) every record into tmp/<split>/<class>/ and write resized copies; sets record['path']."""
+    used = set()
+    for r in _progress(records, len(records), "place"):
+        name = Path(r["raw_path"]).name
+        rel = f"{r['split']}/{r['class']}/{name}"
+        if rel in used:  # same file name in two raw sub-folders of one class
+            rel = f"{r['split']}/{r['class']}/{Path(name).stem}__{r['sha256'][:8]}{Path(name).suffix}"
+        used.add(rel)
+        r["path"] = rel
+        place(raw / r["raw_path"], tmp / rel, link=not copy_files)
+        if prepare_size:
+            try:
+                write_resized(raw / r["raw_path"], tmp / f"resized_{prepare_size}" / rel, prepare_size)
+            except ImageError as e:
+                raise XrayError(f"{e} (re-run scripts/download_raw.py to drop corrupt files)") from None
+    for split in SPLITS:
+        (tmp / split).mkdir(parents=True, exist_ok=True)
+
+
 def _progress(it, total, desc):
     try:
         from tqdm import tqdm
@@ -227,25 +247,14 @@ def main(raw_dir, out_dir, val_frac, test_frac, seed, group_regex, copy_files, p
                 raise XrayError(f"class {cls} has no images in {split} ({n_groups} patient groups for "
                                 f"{sum(r['class'] == cls for r in records)} images); add data or change --val/--test")
 
-    # build everything in a temporary folder, then swap it in: an interrupted run leaves the old split
+    # build everything in a temporary folder, then swap it in: a failed or interrupted run leaves the old split
     tmp = out / ".split-tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    used = set()
-    for r in _progress(records, len(records), "place"):
-        name = Path(r["raw_path"]).name
-        rel = f"{r['split']}/{r['class']}/{name}"
-        if rel in used:  # same file name in two raw sub-folders of one class
-            rel = f"{r['split']}/{r['class']}/{Path(name).stem}__{r['sha256'][:8]}{Path(name).suffix}"
-        used.add(rel)
-        r["path"] = rel
-        place(raw / r["raw_path"], tmp / rel, link=not copy_files)
-        if prepare_size:
-            try:
-                write_resized(raw / r["raw_path"], tmp / f"resized_{prepare_size}" / rel, prepare_size)
-            except ImageError as e:
-                raise XrayError(f"{e} (re-run scripts/download_raw.py to drop corrupt files)") from None
-    for split in SPLITS:
-        (tmp / split).mkdir(exist_ok=True)
+    try:
+        build_split(records, raw, tmp, copy_files, prepare_size)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     out.mkdir(parents=True, exist_ok=True)
     managed = list(SPLITS) + ([f"resized_{prepare_size}"] if prepare_size else [])
     for name in managed:

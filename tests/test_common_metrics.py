@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import sklearn.metrics as sk  # a [train] dependency, installed for the tests: missing is a failure, not a skip
 
 from xray.common.metrics import (binary_roc_auc, classification_metrics, confusion_matrix, log_loss,
                                  metrics_markdown, roc_auc_ovr)
-
-sk = pytest.importorskip("sklearn.metrics")
 
 CASES = [(seed, c) for seed in (0, 1, 2) for c in (2, 3, 4, 5)]
 

@@ -172,6 +172,17 @@ def test_calibration_lowers_ece_and_reaches_the_edge(overconfident, run, tmp_pat
     got = np.array([[p["probabilities"][k] for k in m["classes"]] for p in doc["predictions"]])
     assert np.abs(got - z["probs"][:6]).max() <= 1e-4
 
+    # ... and the int8 model's too: it is quantized from the same calibrated graph
+    export = overconfident / "export"
+    int8 = next(p for p in (export / "model.int8.onnx", export / "model.int8.rejected.onnx") if p.is_file())
+    doc = json.loads(xray_infer("-m", int8, *files, "-f", "json").stdout)
+    got = np.array([[p["probabilities"][k] for k in m["classes"]] for p in doc["predictions"]])
+    calibrated = z["probs"][:6]
+    logits = np.log(np.clip(calibrated, 1e-12, None)) * c["temperature"]  # undo T: the over-confident model's
+    uncalibrated = np.exp(logits - logits.max(axis=1, keepdims=True))
+    uncalibrated /= uncalibrated.sum(axis=1, keepdims=True)
+    assert np.abs(got - calibrated).mean() < 0.5 * np.abs(uncalibrated - calibrated).mean(), (got, calibrated)
+
 
 def test_calibrate_needs_the_checkpoint(exported, run):
     proc = xray_eval(exported[0] / "model.onnx", run.parent / "data" / "test", "--calibrate", check=False)

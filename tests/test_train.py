@@ -5,6 +5,7 @@ import json
 import os
 import socket
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -43,6 +44,11 @@ def lite0_run(data, tmp_path_factory):
     return runs / "lite", proc
 
 
+def n_train_images(run) -> int:
+    data = json.loads((run / "config.json").read_text())["data_dir"]
+    return sum(1 for p in (Path(data) / "train").rglob("*") if p.is_file())
+
+
 def backbone_state(state):
     return {k: v for k, v in state.items() if k.startswith("backbone.")}
 
@@ -56,7 +62,8 @@ def test_run_writes_every_artifact_and_learns(lite0_run):
     assert not (run / "last.tmp").exists()
     history = read_csv(run / "history.csv")
     assert [r["phase"] for r in history] == ["A", "A", "A", "B"]
-    assert all(float(r["images_per_s"]) > 0 for r in history)
+    for r in history:  # throughput is the epoch's images over its seconds, not just some positive number
+        assert float(r["images_per_s"]) * float(r["seconds"]) == pytest.approx(n_train_images(run), rel=0.05), r
     best_val = max(float(r["val_macro_f1"]) for r in history)
     assert best_val >= 0.55, f"val macro-F1 {best_val} is not clearly above chance (0.33)"
     metrics = json.loads((run / "metrics.json").read_text())
@@ -98,6 +105,12 @@ def test_phase_b_changes_only_unfrozen_blocks_and_head(lite0_run):
             assert same, f"frozen {key} (block {i}) changed in phase B"
     changed_blocks = {i for k, i in block_of.items() if not torch.equal(a[k], b[k])}
     assert changed_blocks == unfrozen
+    # BatchNorm keeps its ImageNet statistics in phase B (no --bn-train): running mean/var of the unfrozen
+    # blocks too are bit for bit phase A's, which are ImageNet's (test_phase_a_freezes_the_backbone_bit_for_bit)
+    stats = [k for k, i in block_of.items() if i in unfrozen and k.endswith(("running_mean", "running_var"))]
+    assert len(stats) >= 20
+    moved = [k for k in stats if not torch.equal(a[k], b[k])]
+    assert moved == [], f"phase B re-estimated BatchNorm statistics: {moved[:3]}"
     assert not torch.equal(a["head.1.weight"], b["head.1.weight"])
 
 

@@ -63,6 +63,12 @@ def make_accelerator(grad_accum: int, report_to: str, output_dir: str) -> Accele
     return acc
 
 
+def make_criterion(cfg: dict, weights: torch.Tensor | None, device="cpu") -> torch.nn.CrossEntropyLoss:
+    """Cross-entropy with the run's class weights and --label-smoothing."""
+    return torch.nn.CrossEntropyLoss(weight=weights.to(device) if weights is not None else None,
+                                     label_smoothing=cfg["label_smoothing"])
+
+
 def better(a: dict, b: dict | None) -> bool:
     """Best by val macro-F1, ties by lower val loss."""
     return b is None or (a["macro_f1"], -a["loss"]) > (b["macro_f1"], -b["loss"])
@@ -171,8 +177,7 @@ class Run:
         steps_per_epoch = math.ceil(len(train_loader) / cfg["grad_accum"])
         total = steps_per_epoch * p["epochs"]
         scheduler = warmup_cosine(optimizer, round(cfg["warmup_frac"] * total), total)
-        weights = self.weights.to(acc.device) if self.weights is not None else None
-        criterion = torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg["label_smoothing"])
+        criterion = make_criterion(cfg, self.weights, acc.device)
         model, optimizer, train_loader, val_loader, scheduler = acc.prepare(
             model, optimizer, train_loader, val_loader, scheduler)
         if resume:
