@@ -33,7 +33,9 @@ def main(model, data, output_dir, batch_size, threads, low_margin, per_pair, cal
          split, no_embeddings):
     """Evaluate MODEL (a run folder, a .safetensors checkpoint or an exported .onnx) on DATA, a split of
     class folders (e.g. data/test), or data/manifest.csv with --split. Writes metrics.json, report.md, hard_examples.csv and PNG plots;
-    for a checkpoint also Grad-CAM over the failures and a t-SNE of its features.
+    for a checkpoint also Grad-CAM over the failures and a t-SNE of its features; for a model with the
+    out-of-distribution guard (an exported ONNX model, or a run with export/model.onnx) its acceptance
+    of DATA and how it separates DATA from each probe family (ood_histograms.png).
 
     \b
     xray-eval runs/<run> data/test
@@ -48,6 +50,7 @@ def main(model, data, output_dir, batch_size, threads, low_margin, per_pair, cal
     from .analysis import bootstrap_ci, evaluate, failures, hard_examples, per_source
     from .model_card import read_manifest, write_model_card
     from .backends import load_model, predict_logits
+    from .guard import evaluate_guard
     from xray.common.metrics import softmax
     from .report import write_report
 
@@ -83,6 +86,9 @@ def main(model, data, output_dir, batch_size, threads, low_margin, per_pair, cal
     manifest_rows, sources = read_manifest(data_dir)
     m["per_source"] = per_source([str(Path(f).resolve()) for f in files], labels, probs.argmax(axis=1), sources)
     m["bootstrap_95ci"] = bootstrap_ci(labels, probs.argmax(axis=1), loaded.classes)
+    guard = evaluate_guard(loaded, files, batch_size)
+    if guard:
+        m["ood_guard"] = {k: v for k, v in guard.items() if k != "scores"}
     fails = failures(files, probs, labels, loaded.classes, per_pair)
     hard = hard_examples(files, probs, labels, loaded.classes, low_margin)
     drawn = {"confusion_matrix.png": lambda p: plots.confusion_matrices(m["confusion_matrix"], loaded.classes, p),
@@ -90,6 +96,8 @@ def main(model, data, output_dir, batch_size, threads, low_margin, per_pair, cal
              "reliability.png": lambda p: plots.reliability_diagram(m["reliability"], m["ece"], p),
              "probability_histograms.png": lambda p: plots.probability_histograms(probs, labels, loaded.classes, p),
              "failures.png": lambda p: plots.failure_sheet(fails, p)}
+    if guard:
+        drawn["ood_histograms.png"] = lambda p: plots.ood_histograms(guard["scores"], guard["threshold"], p)
     if loaded.kind == "pytorch":
         drawn["failures_gradcam.png"] = lambda p: explain.failures_gradcam(loaded, fails, out)
         if not no_embeddings and len(files) >= 5:

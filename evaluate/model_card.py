@@ -81,6 +81,22 @@ def write_model_card(path: Path, loaded, data_dir: Path, m: dict, ci: dict, rows
         lines.append(f"- Examples: `report/failures.png`{maps}; every hard case: `report/hard_examples.csv`.")
     else:
         lines.append("No misclassified images in this split (a small split proves little: see the intervals).")
+    if m.get("ood_guard"):
+        from .report import guard_lines
+
+        lines += guard_lines(m["ood_guard"])[:3] + [
+            "The exported model scores how far every image's features lie from the training images'; "
+            "above the threshold it says *not like the training data* (`xray-infer`: `ood=true`; "
+            "`--ood-action abstain` withholds the diagnosis).", "",
+            "- **It catches** inputs far from the training films: photographs, documents, screenshots, noise, blank "
+            "or saturated images, and grossly transformed films (inverted, rotated, cropped, blurred), as the table "
+            "shows for this model.",
+            "- **It does not catch** a chest film that looks like the training data but is not what the model learned: "
+            "another hospital's scanner or protocol, another population, a disease it was not trained on, a lateral "
+            "or paediatric view close to the training films. Such an image may pass the guard and still be misread.",
+            f"- By design it also flags about {100 - (m['ood_guard'].get('accept') or 0.95) * 100:g} % of genuine "
+            "in-distribution images (the threshold's price); a flag means *look at the image*, not *the image is bad*.",
+            ""] + guard_lines(m["ood_guard"])[3:]
     export_report = _export_report(loaded)
     if export_report:
         g, met = export_report["gate"], export_report["metrics"]

@@ -163,3 +163,25 @@ def embedding_projection(points, labels, wrong, classes, path: Path, method: str
     ax.set(title=f"penultimate features ({method})", xticks=[], yticks=[])
     ax.legend(fontsize=8)
     _save(fig, path)
+
+
+def ood_histograms(scores: dict, threshold: float, path: Path, per_row: int = 4):
+    """One panel per probe family: its out-of-distribution scores against the evaluated split's, with the
+    guard's threshold; log scale, as strange inputs score orders of magnitude above chest films."""
+    plt = _plt()
+    families = [f for f in scores if f != "eval"]
+    rows = -(-len(families) // per_row)
+    fig, axes = plt.subplots(rows, per_row, figsize=(3.3 * per_row, 2.6 * rows), squeeze=False)
+    every = np.concatenate(list(scores.values()))
+    lo, hi = max(float(every[every > 0].min()) if (every > 0).any() else 1e-3, 1e-3), max(float(every.max()), threshold) * 1.5
+    edges = np.geomspace(lo, hi, 40)
+    for ax, family in zip(axes.ravel(), families):
+        ax.hist(np.clip(scores["eval"], lo, hi), bins=edges, alpha=0.7, label="eval split")
+        ax.hist(np.clip(scores[family], lo, hi), bins=edges, alpha=0.7, label=family, color="tab:red")
+        ax.axvline(threshold, color="black", linestyle="--", linewidth=1, label="threshold")
+        ax.set_xscale("log")
+        ax.set(title=family, xlabel="ood_score", ylabel="images")
+        ax.legend(fontsize=7)
+    for ax in axes.ravel()[len(families):]:
+        ax.axis("off")
+    _save(fig, path)

@@ -34,6 +34,8 @@ def write_report(out: Path, m: dict, model, data_dir: Path, failures: dict, hard
     if len(m.get("per_source", {})) > 1:
         lines += ["", "## Per source (shortcut check)", "", "| source | images | accuracy |", "|---|---|---|"]
         lines += [f"| {s} | {v['images']} | {v['accuracy']:.4f} |" for s, v in m["per_source"].items()]
+    if m.get("ood_guard"):
+        lines += guard_lines(m["ood_guard"])
     lines += ["", "## Failure modes", ""]
     if failures:
         lines += ["Most confident wrong predictions per confusion pair (`failures.png`):", "",
@@ -48,6 +50,18 @@ def write_report(out: Path, m: dict, model, data_dir: Path, failures: dict, hard
     text = "\n".join(lines) + "\n"
     write_text_atomic(out / "report.md", text)
     return text
+
+
+def guard_lines(g: dict) -> list[str]:
+    """The out-of-distribution guard's table (also in MODEL_CARD.md)."""
+    lines = ["", "## Out-of-distribution guard", "",
+             f"Score `{g['score']}` of `{g['model']}`, threshold {g['threshold']:.4g} (fitted by xray-export to accept "
+             f"{(g.get('accept') or 0) * 100:g} % of val images): **{g['in_distribution_acceptance'] * 100:.1f} %** of "
+             f"these {g['images']} images accepted. Probe families (`ood_histograms.png`):", "",
+             "| probe family | group | images | AUROC | FPR@95 | flagged |", "|---|---|---|---|---|---|"]
+    lines += [f"| {f} | {v['group']} | {v['images']} | {_f(v['auroc'])} | {_f(v['fpr_at_95'])} | "
+              f"{v['flagged'] * 100:.0f} % |" for f, v in g["families"].items()]
+    return lines
 
 
 def _f(v) -> str:
