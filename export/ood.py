@@ -108,8 +108,12 @@ _MODULES = {"mahalanobis": _Mahalanobis, "energy": _Energy, "knn": _Knn}
 
 
 def fit_threshold(val_scores: np.ndarray, accept: float) -> float:
-    """The score at which `accept` of the in-distribution (val) images are accepted (score <= threshold)."""
-    return float(np.quantile(np.asarray(val_scores, np.float64), accept, method="higher"))
+    """A score at which at least `accept` of the in-distribution (val) images are accepted (score <= threshold):
+    halfway between the val score at that rank and the next, so float rounding between PyTorch and ONNX
+    cannot move an image across it."""
+    s = np.sort(np.asarray(val_scores, np.float64))
+    k = min(int(np.ceil(accept * len(s))) - 1, len(s) - 1)
+    return float(s[k] if k + 1 >= len(s) else (s[k] + s[k + 1]) / 2)
 
 
 def compare_methods(train, val, probes: dict) -> dict:

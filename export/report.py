@@ -68,7 +68,9 @@ def trust_section(t: dict, ev: dict) -> list[str]:
     lines = ["", "## Out-of-distribution guard and heatmaps", "",
              f"Score `{g['score']}` (chosen by {t['chosen_by']}), fitted on {g['fit_images']} training images; "
              f"threshold {g['threshold']:.4g} accepts {g['val_acceptance'] * 100:.1f}% of {g['val_images']} val images "
-             f"(target {g['accept'] * 100:g}%). In-distribution acceptance on the {ev['images']} eval images: "
+             f"(target {g['accept'] * 100:g}%); the int8 model's own threshold, from its own val scores: "
+             f"{t['int8_guard']['threshold']:.4g} ({t['int8_guard']['val_acceptance'] * 100:.1f}%). "
+             f"In-distribution acceptance on the {ev['images']} eval images: "
              + ", ".join(f"{k} {v['in_distribution_acceptance'] * 100:.1f}%" for k, v in b.items()) + ".", "",
              "| probe family | group | images | AUROC | FPR@95 | flagged PyTorch | flagged fp32 | flagged int8 |",
              "|---|---|---|---|---|---|---|---|"]

@@ -47,12 +47,17 @@ class Guard:
     comparison: dict  # method -> {mean_auroc, mean_fpr_at_95, families: {family: {auroc, fpr_at_95}}}
     chosen_by: str
 
-    def metadata(self, threshold: float | None = None) -> dict:
-        """What goes into the model's metadata (xray.ood); `threshold`: a model's own (int8) threshold."""
-        return {"score": self.scorer.method, "output": "ood_score", "higher_is_ood": True,
-                "threshold": float(self.threshold if threshold is None else threshold), "accept": self.accept,
-                "val_acceptance": self.val_acceptance, "val_images": self.val_images, "fit_images": self.fit_images,
-                "fit_split": "train", "threshold_split": "val", "statistics_sha256": self.scorer.sha256()}
+    def metadata(self, own_val_scores: np.ndarray | None = None) -> dict:
+        """What goes into the model's metadata (xray.ood). own_val_scores: a model's own scores of the val split
+        (the int8 model's drift by a few per cent), from which its own threshold is fitted."""
+        threshold, acceptance = self.threshold, self.val_acceptance
+        if own_val_scores is not None:
+            threshold = fit_threshold(own_val_scores, self.accept)
+            acceptance = float((own_val_scores <= threshold).mean())
+        return {"score": self.scorer.method, "output": "ood_score", "higher_is_ood": True, "threshold": threshold,
+                "accept": self.accept, "val_acceptance": acceptance, "val_images": self.val_images,
+                "fit_images": self.fit_images, "fit_split": "train", "threshold_split": "val",
+                "statistics_sha256": self.scorer.sha256()}
 
 
 def fit_guard(model, spec: ImageSpec, train_paths, val_paths, probes: dict, method: str, accept: float) -> Guard:

@@ -15,6 +15,7 @@ Measured in one run, on this machine, with the project's own code:
 - folder throughput: one process over --images generated 1-2.5 MP chest-like JPEGs (make_synthetic
   --size 1300), images / wall second including start-up. xray-infer: its own threaded decoder and
   batches; torch: the same decode in a thread pool of --threads and batches of 16 under torch.no_grad().
+- trust outputs: batch-1 latency with ood_score (+ cam) vs the same graph cut back to the classifier.
 - JPEG draft: max |Δprobability| of xray-infer's decode (libjpeg DCT-domain downscale to >= the model's
   resize size, as training and xray-export decode) against a full decode on the same files, and the
   decode+preprocess time of both.
@@ -133,9 +134,44 @@ def draft_effect(model_path: Path, files: list[Path]) -> dict:
         t0 = time.perf_counter()
         x = np.stack([preprocess(load_image(f, draft_size=draft), spec) for f in files])
         out[name + "_ms_per_image"] = (time.perf_counter() - t0) * 1000 / len(files)
-        out[name] = model.predict(x)
+        out[name] = model.predict(x).probs
     diff = np.abs(out.pop("draft") - out.pop("full"))
     return {**out, "model_name": model.info.model_name, "max_abs_prob_diff": float(diff.max()), "mean_abs_prob_diff": float(diff.mean())}
+
+
+def trust_cost(models: dict, threads: int, rounds: int = 300) -> dict:
+    """Batch-1 latency of each model with its trust outputs (logits + ood_score + cam, as xray-infer --heatmap
+    asks; logits + ood_score, as plain xray-infer asks) vs the same graph cut back to the classifier alone
+    (onnx.utils.extract_model: what a model exported before the guard computes). Rounds interleaved."""
+    import onnx.utils
+    import onnxruntime as ort
+
+    from xray.infer.model import EdgeModel
+
+    x = np.random.default_rng(0).standard_normal((1, 3, 224, 224), dtype=np.float32)
+    out = {}
+    for name, path in models.items():
+        edge = EdgeModel(path, threads)
+        x = x[:, :edge.info.spec.channels, :edge.info.spec.input_size, :edge.info.spec.input_size].copy()
+        with tempfile.TemporaryDirectory() as tmp:
+            cut = Path(tmp) / "classifier_only.onnx"
+            onnx.utils.extract_model(str(path), str(cut), ["input"], ["logits"])
+            plain = ort.InferenceSession(str(cut), edge.session.get_session_options(), providers=["CPUExecutionProvider"])
+        runs = {"classifier only": lambda: plain.run(["logits"], {"input": x}),
+                "logits + ood_score": lambda: edge.session.run(["logits", "ood_score"], {"input": x}),
+                "logits + ood_score + cam": lambda: edge.session.run(["logits", "ood_score", "cam"], {"input": x})}
+        times = {k: [] for k in runs}
+        for _ in range(10):
+            for fn in runs.values():
+                fn()
+        for _ in range(rounds):
+            for k, fn in runs.items():
+                t0 = time.perf_counter()
+                fn()
+                times[k].append(time.perf_counter() - t0)
+        med = {k: statistics.median(v) * 1000 for k, v in times.items()}
+        out[name] = {"ms": med, "ratio": {k: v / med["classifier only"] for k, v in med.items()}}
+    return out
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -190,6 +226,7 @@ def main(run_dir, images, repeats, threads, work_dir, json_out):
                                  "peak_rss_mb": rss}
 
     draft = draft_effect(int8, files[:60])
+    trust = trust_cost(models, threads)
 
     base_cold = cold["torch eager"]["median_s"]
     print(f"\nxray-infer bench: {threads} threads, {len(files)} JPEGs of {min(mp):.1f}-{max(mp):.1f} MP, "
@@ -204,9 +241,17 @@ def main(run_dir, images, repeats, threads, work_dir, json_out):
     print(f"\nJPEG draft decode: {draft['draft_ms_per_image']:.1f} ms/image vs full decode "
           f"{draft['full_ms_per_image']:.1f} ms/image; max |Δprobability| {draft['max_abs_prob_diff']:.4f} "
           f"(mean {draft['mean_abs_prob_diff']:.5f}) on {min(60, len(files))} images")
+    print("\nTrust outputs at batch 1 (median of 300 interleaved runs, ms; ratio to the classifier alone):\n")
+    print("| model | classifier only | logits + ood_score | + cam (--heatmap) |")
+    print("|---|---|---|---|")
+    for name, t in trust.items():
+        ms, r = t["ms"], t["ratio"]
+        print(f"| {name} | {ms['classifier only']:.2f} | {ms['logits + ood_score']:.2f} ({r['logits + ood_score']:.3f}x) | "
+              f"{ms['logits + ood_score + cam']:.2f} ({r['logits + ood_score + cam']:.3f}x) |")
     if json_out:
         Path(json_out).write_text(json.dumps({"threads": threads, "images": len(files), "megapixels": [min(mp), max(mp)],
-                                              "cold": cold, "throughput": throughput, "draft": draft}, indent=2))
+                                              "cold": cold, "throughput": throughput, "draft": draft, "trust": trust},
+                                             indent=2))
 
 
 if __name__ == "__main__":

@@ -42,19 +42,6 @@ class Classifier(nn.Module):
         return self.head(self.backbone(x))
 
 
-class TemperatureScaled(nn.Module):
-    """logits / T: temperature scaling fitted by `xray-eval --calibrate`, baked into the exported graph so
-    xray-infer's probabilities are the calibrated ones."""
-
-    def __init__(self, model: nn.Module, temperature: float):
-        super().__init__()
-        self.model = model
-        self.register_buffer("temperature", torch.tensor(float(temperature)))
-
-    def forward(self, x):
-        return self.model(x) / self.temperature
-
-
 @dataclass(frozen=True)
 class ModelDef:
     name: str
