@@ -94,8 +94,8 @@ def _load_pil(data: bytes, label: str, max_pixels: int, draft_size: int | None) 
             raise ImageError(f"{label}: cannot decode ({_reason(e)})") from None
         w, h = img.size
         if w * h > max_pixels:
-            raise ImageError(f"{label}: image too large ({w}x{h} = {w * h / 1e6:.0f} MP > "
-                             f"{max_pixels / 1e6:.0f} MP limit)")
+            raise ImageError(f"{label}: image too large ({w}x{h} = {w * h / 1e6:.3g} MP > "
+                             f"{max_pixels / 1e6:.3g} MP limit)")
         if w < 1 or h < 1:
             raise ImageError(f"{label}: image has no pixels")
         try:

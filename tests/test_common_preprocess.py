@@ -164,7 +164,7 @@ SIZES = [(300, 500), (500, 300), (256, 256), (13, 9), (64, 257)]  # portrait, la
 
 
 def _torchvision_pipeline(spec: ImageSpec):
-    transforms = pytest.importorskip("torchvision.transforms")
+    from torchvision import transforms
     interp = {"bilinear": transforms.InterpolationMode.BILINEAR,
               "bicubic": transforms.InterpolationMode.BICUBIC}[spec.interpolation]
     size = spec.resize_size if spec.resize_mode == "shorter_side" else (spec.resize_size, spec.resize_size)
@@ -195,7 +195,7 @@ def test_parity_with_torchvision(wh, resize_mode, interpolation, sizes):
 @pytest.mark.parametrize("wh", SIZES, ids=lambda wh: f"{wh[0]}x{wh[1]}")
 @pytest.mark.parametrize("resize_mode", ["shorter_side", "squash"])
 def test_geometry_matches_torchvision(wh, resize_mode):
-    transforms = pytest.importorskip("torchvision.transforms")
+    from torchvision import transforms
     spec = ImageSpec(input_size=30, resize_size=41, resize_mode=resize_mode, interpolation="nearest")
     img = _gray(*wh, seed=1)
     size = spec.resize_size if resize_mode == "shorter_side" else (spec.resize_size, spec.resize_size)

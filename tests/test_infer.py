@@ -74,7 +74,7 @@ def mode_files(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def dicom_file():
-    pytest.importorskip("pydicom")
+    import pydicom  # noqa: F401  (the [dicom] extra, a dev dependency: missing is a failure, not a skip)
     from test_common_imageio import _find_rg1
 
     path = _find_rg1()
@@ -303,7 +303,7 @@ def test_bad_inputs_are_reported_and_the_rest_processed(tiny_onnx, mode_files, d
     elapsed = time.perf_counter() - t0
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr
-    lines = proc.stderr.strip().splitlines()
+    lines = [line for line in proc.stderr.strip().splitlines() if not line.startswith("note: ")]  # the old model's
     assert len(lines) == len(args) - 1 and all(line.startswith("error: ") for line in lines), proc.stderr
     for needle in ("missing.png: no such file", "empty: folder has no supported images", "zero.png: empty file",
                    "truncated.jpeg: corrupt or truncated", "text.png: not a recognised image",
@@ -313,6 +313,26 @@ def test_bad_inputs_are_reported_and_the_rest_processed(tiny_onnx, mode_files, d
     assert [r["file"] for r in doc["predictions"]] == [good]
     assert len(doc["errors"]) == len(args) - 1 and all(e["error"] for e in doc["errors"])
     assert elapsed < 30, "the 30000 x 30000 PNG must be refused from its header, not decoded"
+
+
+def test_max_pixels_refuses_larger_images_and_the_default_lets_them_through(tiny_onnx, tmp_path):
+    """--max-pixels from the CLI: an image over the limit is one error line naming its size and the limit
+    (exit 1) while a smaller one in the same run is still predicted; the default limit takes both."""
+    path = tiny_onnx[0]
+    picture = Image.fromarray(np.rint(radiograph(1000, seed=1) * 255).astype(np.uint8), "L")
+    big, small = tmp_path / "big.png", tmp_path / "small.png"
+    picture.resize((2500, 2000)).save(big)  # 5.0 MP
+    picture.resize((1200, 1000)).save(small)  # 1.2 MP
+    proc = xray_infer("-m", path, big, small, "-f", "json", "--max-pixels", 4_000_000, check=False)
+    assert proc.returncode == 1, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if not line.startswith("note: ")]  # the no-guard note
+    assert errors == [f"error: {big}: image too large (2500x2000 = 5 MP > 4 MP limit)"], proc.stderr
+    doc = json.loads(proc.stdout)
+    assert [r["file"] for r in doc["predictions"]] == [str(small)]
+    assert [e["file"] for e in doc["errors"]] == [str(big)]
+    default = predictions(xray_infer("-m", path, big, small, "-f", "json"))  # 50 MP default: exit 0
+    assert list(default) == [str(big), str(small)]
+    assert all(r["prediction"] in tiny_onnx[3] for r in default.values())
 
 
 def test_unreadable_file_is_one_error(tiny_onnx, mode_files, monkeypatch, capsys):
