@@ -196,6 +196,14 @@ def test_output_file_not_written_when_nothing_could_run(tiny_onnx, tmp_path):
     assert proc.returncode == 2 and not out.exists()
 
 
+def test_table_prints_nothing_when_no_input_was_classified(tiny_onnx, mode_files, tmp_path):
+    path, _, _, _ = tiny_onnx
+    proc = xray_infer("-m", path, tmp_path / "missing.png", check=False)
+    assert proc.returncode == 1 and proc.stdout == "" and "missing.png: no such file" in proc.stderr
+    both = xray_infer("-m", path, tmp_path / "missing.png", mode_files["png8"], check=False).stdout.splitlines()
+    assert len(both) == 2 and both[0].split()[:2] == ["file", "prediction"]  # the header comes with the first row
+
+
 # --------------------------------------------------------------------------------------------- inputs
 
 
