@@ -131,5 +131,6 @@ def compare_methods(train, val, probes: dict) -> dict:
 
 
 def best_method(comparison: dict) -> str:
-    """Highest mean AUROC over probe families; ties broken by the lower mean FPR@95."""
+    """Highest mean AUROC over probe families; ties broken by the lower mean FPR@95, then by METHODS order
+    (Mahalanobis first: its size does not grow with the training set, kNN's does)."""
     return max(comparison, key=lambda m: (round(comparison[m]["mean_auroc"], 4), -comparison[m]["mean_fpr_at_95"]))

@@ -4,10 +4,8 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
-from itertools import chain
 from pathlib import Path
 
-import numpy as np
 import onnxruntime
 
 from xray.common.artifacts import sha256_file
@@ -22,9 +20,8 @@ from .edge_graph import OUTPUT_NAMES, EdgeGraph
 from .onnx_export import export_onnx, set_metadata
 from .quantize import default_settings, quantize
 from .report import write_report
-from .trust import fit_guard, verify_trust
-from .verify import (NEAR_TIE, batches, compare, file_batches, flipped_images, image_batches, latency_ms, run_backends,
-                     session, stratified)
+from .trust import check_backends, fit_guard
+from .verify import NEAR_TIE, batches, compare, flipped_images, latency_ms, session, stratified
 
 
 @dataclass
@@ -102,20 +99,9 @@ def run_export(o: ExportOptions) -> bool:
     say(f"verify: PyTorch vs ONNX fp32 vs ONNX int8 on {len(eval_samples)} images of {eval_dir} + {n_probes} probes")
     sessions = {"onnx_fp32": session(fp32, o.threads), "onnx_int8": session(candidate, o.threads)}
     paths, labels = [p for p, _ in eval_samples], [label for _, label in eval_samples]
-    outputs = run_backends(chain(file_batches(paths, spec), *(image_batches(v, spec) for v in probes.values())),
-                           graph, sessions)
-    n = len(paths)
-    logits = {k: v[0][:n] for k, v in outputs.items()}
+    logits, trust, int8_guard = check_backends(guard, graph, sessions, spec, paths, [p for p, _ in val_samples], probes)
     metrics = compare(logits, labels, classes)
     flips = flipped_images(eval_samples, labels, logits["pytorch"], logits["onnx_int8"], classes)
-    rows, start = {}, n
-    for family, images in probes.items():
-        rows[family], start = slice(start, start + len(images)), start + len(images)
-    # the int8 model's scores drift (+3 % on the demo model): it gets its own threshold from its own val scores
-    int8_val = np.concatenate([sessions["onnx_int8"].run(["ood_score"], {"input": x})[0]
-                               for x in file_batches([p for p, _ in val_samples], spec)])
-    int8_guard = guard.metadata(own_val_scores=int8_val)
-    trust = verify_trust(guard, outputs, slice(0, n), rows, int8_guard["threshold"])
 
     parity = metrics["onnx_fp32"]["max_abs_logit_diff"]
     fp32_trust = trust["backends"]["onnx_fp32"]

@@ -11,6 +11,7 @@ score drift, heatmap correlation), and each probe family's flagged share.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import chain
 
 import numpy as np
 import torch
@@ -20,7 +21,7 @@ from xray.common.metrics import ood_separation
 from xray.common.probes import GROUP
 
 from .edge_graph import pooled_and_logits
-from .verify import file_batches, image_batches
+from .verify import file_batches, image_batches, run_backends
 from .ood import OodScorer, best_method, compare_methods, fit_threshold
 
 
@@ -119,3 +120,20 @@ def verify_trust(guard: Guard, outputs: dict, in_dist: slice, families: dict[str
             **{f"flagged_{k}": float(v[rows].mean()) for k, v in flagged.items()}}
     return result
 
+
+def check_backends(guard: Guard, graph, sessions: dict, spec: ImageSpec, eval_paths, val_paths, probes: dict):
+    """PyTorch (the EdgeGraph) and every ONNX session over the eval images, then every probe family.
+    Returns (each backend's logits of the eval images, the trust verification, the int8 model's own guard
+    metadata: its threshold fitted on its own val scores, as int8 features drift by a few per cent)."""
+    batches = chain(file_batches(eval_paths, spec), *(image_batches(v, spec) for v in probes.values()))
+    outputs = run_backends(batches, graph, sessions)
+    n = len(eval_paths)
+    rows, start = {}, n
+    for family, images in probes.items():
+        rows[family], start = slice(start, start + len(images)), start + len(images)
+    int8 = sessions["onnx_int8"]
+    int8_val = np.concatenate([int8.run(["ood_score"], {int8.get_inputs()[0].name: x})[0]
+                               for x in file_batches(val_paths, spec)])
+    int8_guard = guard.metadata(own_val_scores=int8_val)
+    trust = verify_trust(guard, outputs, slice(0, n), rows, int8_guard["threshold"])
+    return {k: v[0][:n] for k, v in outputs.items()}, trust, int8_guard

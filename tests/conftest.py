@@ -99,6 +99,17 @@ def tiny_onnx(tmp_path_factory):
     return path, model, spec, classes
 
 
+def backbone_block_of(model) -> dict:
+    """state-dict key -> backbone block index."""
+    out = {}
+    for name, module in model.backbone.named_modules():
+        for i, block in enumerate(model.blocks):
+            if any(module is m for m in block):
+                for tname in module.state_dict():
+                    out[f"backbone.{name}.{tname}"] = i
+    return out
+
+
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook turns the marks into groups
 def pytest_collection_modifyitems(items):
     """Every test that needs the shared trained run goes to one xdist worker (`--dist loadgroup`), so the

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run_command
+from conftest import ROOT, backbone_block_of, run_command
 from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
@@ -103,17 +103,6 @@ def test_hflip_mirrors_some_images_and_only_with_the_option():
 
 def bn_stats(state: dict, block_keys: dict, blocks: set) -> dict:
     return {k: v for k, v in state.items() if k.endswith(("running_mean", "running_var")) and block_keys.get(k) in blocks}
-
-
-def backbone_block_of(model) -> dict:
-    """state-dict key -> backbone block index."""
-    out = {}
-    for name, module in model.backbone.named_modules():
-        for i, block in enumerate(model.blocks):
-            if any(module is m for m in block):
-                for tname in module.state_dict():
-                    out[f"backbone.{name}.{tname}"] = i
-    return out
 
 
 def test_bn_train_re_estimates_statistics_in_unfrozen_blocks_only(run, tmp_path):

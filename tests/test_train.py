@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run_command, run_script
+from conftest import ROOT, backbone_block_of, run_command, run_script
 from safetensors.torch import load_file
 
 from xray.common.artifacts import read_csv, sha256_file
@@ -91,12 +91,7 @@ def test_phase_b_changes_only_unfrozen_blocks_and_head(lite0_run):
     a = load_file(str(run / "phaseA_best.safetensors"))
     b = load_file(str(run / "last" / "model.safetensors"))  # phase B's final weights
     model = build_model("efficientnet_lite0", 3, pretrained=False)
-    block_of = {}
-    for name, module in model.backbone.named_modules():
-        for i, block in enumerate(model.blocks):
-            if any(module is m for m in block):
-                for tname in module.state_dict():
-                    block_of[f"backbone.{name}.{tname}"] = i
+    block_of = backbone_block_of(model)
     unfrozen = set(range(len(model.blocks) - 3, len(model.blocks)))  # Lite0 default: last 3 blocks
     assert set(block_of) == {k for k in a if k.startswith("backbone.")}
     for key, i in block_of.items():

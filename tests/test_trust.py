@@ -24,7 +24,6 @@ from xray.evaluate.gradcam import gradcam
 from xray.export.edge_graph import OUTPUT_NAMES, EdgeGraph, feature_map, pooled_and_logits
 from xray.export.ood import METHODS, OodScorer
 from xray.export.onnx_export import export_onnx
-from xray.train.checkpoint import load_checkpoint
 from xray.train.data import scan_split
 from xray.train.models import REGISTRY, build_model
 
