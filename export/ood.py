@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from xray.common.metrics import ood_separation
@@ -75,6 +74,11 @@ class OodScorer:
         return h.hexdigest()
 
 
+def _unit(features):
+    """L2-normalised rows in three ONNX nodes (F.normalize exports five, with a Shape and an Expand)."""
+    return features / features.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
 class _Mahalanobis(nn.Module):
     def __init__(self, a):
         super().__init__()
@@ -82,7 +86,8 @@ class _Mahalanobis(nn.Module):
         self.register_buffer("whiten", a["whiten"])
 
     def forward(self, features, logits):
-        return ((F.normalize(features, dim=1) - self.mean) @ self.whiten).pow(2).sum(dim=1)
+        d = (_unit(features) - self.mean) @ self.whiten
+        return (d * d).sum(dim=1)
 
 
 class _Energy(nn.Module):
@@ -100,7 +105,7 @@ class _Knn(nn.Module):
         self.k = min(KNN_K, len(a["bank"]))
 
     def forward(self, features, logits):
-        sim = F.normalize(features, dim=1) @ self.bank.T
+        sim = _unit(features) @ self.bank.T
         return 1.0 - sim.topk(self.k, dim=1).values[:, -1]
 
 
