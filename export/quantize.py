@@ -16,7 +16,7 @@ Choices, by measurement on this CPU (2 threads, batch 1, 224 px; see the issue n
   -0.47 on one class, agreement 0.83); each Conv/Gemm bias is re-centred on the float model's mean.
 - the OOD score sub-graph computes in float (`float_scopes`): squared whitened distances have a huge
   range, and an int8 grid calibrated on chest films would saturate exactly on the strange inputs; only
-  its whitening matrix is stored as int8 (weight-only, one scale per column: `weight_only_int8`).
+  its basis matrix is stored as int8 (weight-only, one scale per column: `weight_only_int8`).
   The CAM's 1x1 convolution stays float too (int8 heatmaps then correlate with PyTorch's at 0.99+).
 - shorter tensor names (export/compact.py): B0's int8 file 30.8 % -> 29.4 % of fp32.
 """
@@ -120,9 +120,8 @@ def float_nodes(model_path, scopes) -> list[str]:
 
 def weight_only_int8(model: onnx.ModelProto, scopes) -> int:
     """In place: each 2-D weight of a MatMul under `scopes` stored as int8 with one scale per output column,
-    dequantized to float before the (float) MatMul. The Mahalanobis whitening matrix is D x D floats (6.5 MB
-    for D = 1280, more than the int8 backbone); as int8 it is a quarter of that, and the score keeps its
-    float arithmetic. Returns the bytes saved."""
+    dequantized to float before the (float) MatMul: the Mahalanobis basis (D x 256 floats, 1.3 MB for D = 1280)
+    takes a quarter of that, and the score keeps its float arithmetic. Returns the bytes saved."""
     inits = {i.name: i for i in model.graph.initializer}
     saved = 0
     for node in [n for n in model.graph.node if n.op_type == "MatMul" and n.name.startswith(tuple(scopes))]:

@@ -77,6 +77,24 @@ def test_in_graph_ood_score_equals_the_numpy_reference(lite, tmp_path, method):
     assert ood[-4:].min() > ood[:-4].max() or method == "energy", "noise must score stranger than chest images"
 
 
+def test_mahalanobis_is_exact_while_the_training_set_is_smaller_than_its_rank():
+    """Ledoit-Wolf's shrunk covariance of n < 257 features is low-rank + identity: the 256-direction form
+    equals the full D x D Mahalanobis distance; with more images it approximates it (one floor variance)."""
+    from sklearn.covariance import LedoitWolf
+
+    from xray.export.ood import l2_normalise
+
+    rng = np.random.default_rng(0)
+    mix = rng.standard_normal((512, 512)) * 0.1  # D = 512: 256 directions kept, 256 at the floor
+    feats = rng.standard_normal((120, 512)) @ mix + 1
+    test = l2_normalise(rng.standard_normal((10, 512)) @ mix + 1)
+    z = l2_normalise(feats)
+    mean = z.mean(axis=0)
+    cov = LedoitWolf(assume_centered=True).fit(z - mean).covariance_
+    full = np.einsum("nd,de,ne->n", test - mean, np.linalg.inv(cov), test - mean) / 512
+    assert np.allclose(OodScorer.fit("mahalanobis", feats).score(test, None), full, rtol=1e-8)
+
+
 def test_in_graph_cam_is_the_head_over_the_feature_map_and_grad_cam(lite, tmp_path):
     model, spec, x = lite
     with torch.no_grad():
