@@ -73,7 +73,7 @@ def fit_guard(model, spec: ImageSpec, train_paths, val_paths, probes: dict, meth
     threshold = fit_threshold(val_scores, accept)
     table = {m: {k: v for k, v in r.items() if k != "scorer"} for m, r in comparison.items()}
     return Guard(scorer, threshold, accept, float((val_scores <= threshold).mean()), len(train_paths),
-                 len(val_paths), table, "mean AUROC over probe families (val split vs probes)" if method == "auto"
+                 len(val_paths), table, "the best mean AUROC over probe families, val split vs probes" if method == "auto"
                  else "--ood-score")
 
 
