@@ -32,6 +32,7 @@ from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, Q
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from xray.common.artifacts import atomic_path
+from xray.common.cpu import cpu_has_vnni  # noqa: F401  (re-exported: bench_export uses it from here)
 
 from .compact import compact_names
 from .gptq import gptq_round
@@ -39,14 +40,6 @@ from .probe import attribute, probe_session
 
 METHODS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
            "percentile": CalibrationMethod.Percentile}
-
-
-def cpu_has_vnni() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
 @dataclass

@@ -10,8 +10,10 @@ from xray.common.errors import EXIT_FAILURE, EXIT_OK, XrayError, exit_on_user_er
 from xray.common.imageio import DEFAULT_MAX_PIXELS
 
 EPILOG = """\b
-Model: --model, else $XRAY_MODEL, else the newest runs/*/export/ below the current directory
-(model.int8.onnx, else model.onnx). Classes and preprocessing come from the model's metadata.
+Model: --model (a file or an export folder), else $XRAY_MODEL, else the newest runs/*/export/ below
+the current directory. From a folder holding both verified models, the faster one on this CPU: int8
+with VNNI/AMX (or Arm dot product), else fp32 (--precision overrides). Classes and preprocessing come
+from the model's metadata.
 \b
 Out-of-distribution guard (models from xray-export with it): ood / ood_score per image; a flagged
 image gets a note on stderr. --ood-action abstain replaces its prediction with OUT_OF_DISTRIBUTION.
@@ -23,7 +25,10 @@ are still in the output); 2 nothing could run (no inputs, bad model, bad option)
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EPILOG)
 @click.argument("inputs", nargs=-1, metavar="IMAGE_OR_FOLDER...")
-@click.option("--model", "-m", "model_path", metavar="PATH", help="ONNX model written by xray-export.")
+@click.option("--model", "-m", "model_path", metavar="PATH",
+              help="ONNX model written by xray-export, or its export folder.")
+@click.option("--precision", type=click.Choice(["auto", "int8", "fp32"]), default="auto", show_default=True,
+              help="Which model of an export folder: auto picks the faster one on this CPU.")
 @click.option("--format", "-f", "fmt", type=click.Choice(["table", "json", "jsonl", "csv"]), default="table",
               show_default=True, help="Output format.")
 @click.option("--top-k", type=click.IntRange(min=1), help="Show only the k most probable classes per image.")
@@ -46,7 +51,7 @@ are still in the output); 2 nothing could run (no inputs, bad model, bad option)
               help="Write one PNG per image to DIR: the image with the predicted class's activation map over it.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @exit_on_user_error
-def main(inputs, model_path, fmt, top_k, output, threads, batch_size, workers, evaluate, max_pixels, ood_action,
+def main(inputs, model_path, precision, fmt, top_k, output, threads, batch_size, workers, evaluate, max_pixels, ood_action,
          heatmap_dir, quiet):
     """Classify chest X-ray images: files, folders (recursive), globs, or - to read paths from stdin.
 
@@ -54,12 +59,15 @@ def main(inputs, model_path, fmt, top_k, output, threads, batch_size, workers, e
     """
     from .formats import WRITERS, ood_reason
     from .inputs import collect_inputs
-    from .model import EdgeModel, cpu_count, resolve_model_path
+    from .model import EdgeModel, choose_model, cpu_count
     from .predict import Result, predict_files
 
     if not inputs:
         raise XrayError("no input: give image files, folders, globs, or - to read paths from stdin (see --help)")
-    model = EdgeModel(resolve_model_path(model_path), threads)
+    choice = choose_model(model_path, precision=precision)
+    if choice.reason:
+        click.echo(f"note: model {choice.path} ({choice.reason})", err=True)
+    model = EdgeModel(choice.path, threads)
     if warning := model.runtime_warning():
         print(f"warning: {warning}", file=sys.stderr)
     if note := model.guard_note():
