@@ -31,9 +31,11 @@ class Result:
     cam: np.ndarray | None = None  # classes x h x w, only when asked for (--heatmap)
 
 
-def prepare(path: str, spec: ImageSpec, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """One file -> the model's input array (C x H x W float32)."""
-    return preprocess(load_image(path, draft_size=spec.resize_size, max_pixels=max_pixels), spec)
+def prepare(source: str | bytes, spec: ImageSpec, max_pixels: int = DEFAULT_MAX_PIXELS,
+            name: str | None = None) -> np.ndarray:
+    """One file (a path, or its bytes named `name`: xray-serve's uploads) -> the model's input array
+    (C x H x W float32)."""
+    return preprocess(load_image(source, draft_size=spec.resize_size, max_pixels=max_pixels, name=name), spec)
 
 
 def _prepare_or_error(path, spec, max_pixels):

@@ -1,0 +1,108 @@
+"""Dynamic micro-batching: requests put decoded images on a queue; one thread owns the onnxruntime
+session and runs whatever is waiting together (up to max_batch, waiting at most max_delay for more).
+
+With max_delay 0 (the default, as Triton's) the model never waits: it batches only the images that
+queued while it was busy, so a lone request runs at batch 1 with no added latency. The queue itself is
+bounded by the service's admission limit (requests in flight), not here.
+"""
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from xray.infer.model import EdgeModel
+
+_STOP = object()
+
+
+@dataclass
+class Row:
+    """One image's outputs (a row of infer.model.Outputs)."""
+
+    probs: np.ndarray
+    ood_score: float | None
+    ood: bool | None
+
+
+class Batcher:
+    def __init__(self, model: EdgeModel, max_batch: int = 16, max_delay_ms: float = 0.0, on_batch=None):
+        self.model, self.max_batch, self.max_delay = model, max_batch, max_delay_ms / 1000
+        self.on_batch = on_batch or (lambda size, seconds: None)  # metrics hook
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._loop, name="xray-model", daemon=True)
+        self.waiting = 0  # images queued, not yet running (the /metrics queue depth)
+
+    def start(self):
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0):
+        """Run everything already queued, then end the model thread."""
+        self._queue.put(_STOP)
+        self._thread.join(timeout)
+
+    async def predict(self, images: list[np.ndarray]) -> list[Row]:
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in images]
+        for image, future in zip(images, futures):
+            self.waiting += 1
+            self._queue.put((image, future, loop))
+        return list(await asyncio.gather(*futures))
+
+    def run_now(self, images: list[np.ndarray]) -> list[Row]:
+        """Synchronous batch on the caller's thread (the warm-up, before the model thread starts)."""
+        return self._rows(self.model.predict(np.stack(images)))
+
+    def _loop(self):
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                return
+            batch, stop = self._collect(item)
+            self.waiting -= len(batch)
+            self._run(batch)
+            if stop:
+                return
+
+    def _collect(self, first):
+        batch, deadline = [first], time.monotonic() + self.max_delay
+        while len(batch) < self.max_batch:
+            try:
+                left = deadline - time.monotonic()
+                item = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is _STOP:
+                return batch, True
+            batch.append(item)
+        return batch, False
+
+    def _run(self, batch):
+        start = time.perf_counter()
+        try:
+            rows = self._rows(self.model.predict(np.stack([image for image, _, _ in batch])))
+        except Exception as e:  # an onnxruntime failure fails this batch's requests, not the thread
+            for _, future, loop in batch:
+                loop.call_soon_threadsafe(_set, future, None, e)
+            return
+        self.on_batch(len(batch), time.perf_counter() - start)
+        for (_, future, loop), row in zip(batch, rows):
+            loop.call_soon_threadsafe(_set, future, row, None)
+
+    @staticmethod
+    def _rows(out) -> list[Row]:
+        return [Row(out.probs[k], None if out.ood_score is None else float(out.ood_score[k]),
+                    None if out.ood is None else bool(out.ood[k])) for k in range(len(out.probs))]
+
+
+def _set(future: asyncio.Future, row, error):
+    if future.done():  # the request is gone (cancelled)
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(row)

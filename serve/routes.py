@@ -1,0 +1,119 @@
+"""The HTTP API. Handlers stay thin: parse the request, hand the work to the Service, shape the answer."""
+from __future__ import annotations
+
+from importlib.resources import files as package_files
+
+from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi.responses import FileResponse, JSONResponse, Response
+from starlette.datastructures import UploadFile
+from starlette.requests import ClientDisconnect
+
+from .schemas import Health, Metadata, PredictResponse
+from .service import Service, Unavailable
+
+STATIC = package_files("xray.serve") / "static"
+# a raw body's Content-Type -> the file name extension decoding sees (DICOM is also told by its magic)
+EXTENSIONS = {"image/png": ".png", "image/jpeg": ".jpg", "image/jpg": ".jpg", "image/tiff": ".tif",
+              "image/bmp": ".bmp", "image/webp": ".webp", "application/dicom": ".dcm"}
+PREDICT_BODY = {
+    "description": "One or several images as multipart files (any field name, e.g. `-F file=@a.png -F file=@b.dcm`), "
+                   "or one image as the raw body with its Content-Type (image/png, image/jpeg, image/tiff, "
+                   "image/bmp, image/webp, application/dicom, application/octet-stream); `X-Filename` names it.",
+    "content": {"multipart/form-data": {"schema": {"type": "object", "properties": {
+        "file": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
+        "image/png": {"schema": {"type": "string", "format": "binary"}},
+        "application/dicom": {"schema": {"type": "string", "format": "binary"}}},
+}
+
+router = APIRouter()
+
+
+def service(request: Request) -> Service:
+    return request.app.state.service
+
+
+@router.get("/health/live", response_model=Health, tags=["health"])
+def live():
+    """The process is up (restart it if this fails)."""
+    return {"status": "live"}
+
+
+@router.get("/health/ready", response_model=Health, tags=["health"],
+            responses={503: {"description": "loading the model, or shutting down"}})
+def ready(request: Request):
+    """Ready for traffic: the model is loaded and one warm-up inference ran; 503 while loading or draining."""
+    s = service(request)
+    if s.ready and not s.draining:
+        return {"status": "ready"}
+    return JSONResponse({"status": "draining" if s.draining else "loading"}, status_code=503)
+
+
+@router.get("/v1/metadata", response_model=Metadata, tags=["model"])
+def metadata(request: Request):
+    """What the model says about itself: classes, image spec, precision, checkpoint, export verification."""
+    return service(request).metadata()
+
+
+@router.post("/v1/predict", response_model=PredictResponse, tags=["model"], openapi_extra={"requestBody": PREDICT_BODY},
+             responses={413: {"description": "body over --max-upload-mb, or more than --max-files files"},
+                        422: {"description": "no image could be decoded (each error has a one-line reason)"},
+                        503: {"description": "queue full, loading or shutting down (see Retry-After)"}})
+async def predict(request: Request, top_k: int | None = Query(None, ge=1, description="Also list the k most "
+                  "probable classes"), ood_action: str | None = Query(None, pattern="^(flag|abstain)$",
+                  description="Images the guard flags: flag (default) or abstain (prediction OUT_OF_DISTRIBUTION)")):
+    """Classify one or more chest X-ray images (every format xray-infer reads, DICOM included)."""
+    s = service(request)
+    try:
+        with s.admit():
+            files = await read_uploads(request, s.settings.max_files)
+            records = await s.classify(files, min(top_k, len(s.model.info.classes)) if top_k else None,
+                                       ood_action or s.settings.ood_action)
+    except Unavailable as e:
+        return JSONResponse({"detail": str(e)}, status_code=503, headers={"Retry-After": str(e.retry_after)})
+    except ClientDisconnect:  # the client went away mid-upload: nobody to answer, nothing held
+        s.metrics.errors.labels("client_disconnected").inc()
+        return Response(status_code=400)
+    body = {"model": {"name": s.model.info.model_name, "precision": s.model.info.precision,
+                      "checkpoint_sha256": s.model.info.checkpoint_sha256}, "predictions": records}
+    failed = [r for r in records if "error" in r]
+    if len(failed) == len(records):
+        first = failed[0]["error"]["message"]
+        body["detail"] = first if len(records) == 1 else f"none of the {len(records)} images could be used ({first})"
+        return JSONResponse(body, status_code=422)
+    return JSONResponse(body)
+
+
+async def read_uploads(request: Request, max_files: int) -> list[tuple[str, bytes]]:
+    content_type = request.headers.get("content-type", "")
+    if not content_type.startswith("multipart/form-data"):
+        data = await request.body()
+        if not data:
+            raise HTTPException(422, "empty body: send an image as the body (with its Content-Type) or as "
+                                     "multipart files")
+        name = request.headers.get("x-filename") or "upload" + EXTENSIONS.get(content_type.split(";")[0].strip(), "")
+        return [(name, data)]
+    try:
+        form = await request.form(max_files=max_files, max_fields=max_files + 16)
+    except HTTPException as e:
+        if e.status_code == 400 and "too many files" in str(e.detail).lower():
+            raise HTTPException(413, f"more than {max_files} files in one request (--max-files)") from None
+        raise
+    try:
+        uploads = [(v.filename or key, await v.read()) for key, v in form.multi_items() if isinstance(v, UploadFile)]
+    finally:
+        await form.close()
+    if not uploads:
+        raise HTTPException(422, "no file in the multipart body: send images as file fields (curl -F file=@image.png)")
+    return uploads
+
+
+@router.get("/metrics", tags=["service"], response_class=Response,
+            responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}})
+def metrics(request: Request):
+    """Prometheus metrics: requests and errors by kind, latency and batch-size histograms, queue depth, model."""
+    return Response(service(request).metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+@router.get("/", include_in_schema=False)
+def page():
+    return FileResponse(STATIC / "index.html", media_type="text/html")

@@ -1,0 +1,55 @@
+"""Response shapes, for the OpenAPI document at /docs (the handlers return the same fields)."""
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+
+class Health(BaseModel):
+    status: str
+
+
+class ImageError(BaseModel):
+    kind: str  # empty | not_an_image | corrupt | too_many_pixels | bad_dicom
+    message: str  # one line
+
+
+class Prediction(BaseModel):
+    file: str
+    prediction: str | None = None  # a class, or OUT_OF_DISTRIBUTION with ood_action=abstain
+    probability: float | None = None
+    probabilities: dict[str, float] | None = None
+    top_k: list[dict] | None = None
+    ood: bool | None = None  # models with the out-of-distribution guard
+    ood_score: float | None = None
+    reason: str | None = None  # why a flagged image is not to be trusted
+    error: ImageError | None = None  # instead of the fields above when this image failed
+
+
+class ModelRef(BaseModel):
+    name: str
+    precision: str
+    checkpoint_sha256: str
+
+
+class PredictResponse(BaseModel):
+    model: ModelRef
+    predictions: list[Prediction]
+    detail: str | None = None  # on 422: why no image could be used
+
+
+class Metadata(BaseModel):
+    model_name: str
+    file: str
+    precision: str
+    classes: list[str]
+    image_spec: dict
+    checkpoint_sha256: str
+    export_date: str
+    verification: dict
+    ood_guard: dict | None
+    heatmaps: bool
+    chosen_because: str | None
+    onnxruntime: str
+    limits: dict
+    ood_action: str
+    notice: str

@@ -1,0 +1,137 @@
+"""The work behind the routes: admission, decoding in a thread pool, the batcher, and the per-image
+records (built by xray.infer's own `record`, so the service and the CLI answer with the same fields)."""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import numpy as np
+import onnxruntime as ort
+
+from xray.common.errors import ImageError
+from xray.infer.formats import record
+from xray.infer.model import EdgeModel
+from xray.infer.predict import Result, prepare
+
+from .batcher import Batcher
+from .metrics import Metrics
+from .settings import Settings
+
+log = logging.getLogger("xray.serve")
+NOTICE = "Research use only. Not a medical device: not for diagnosis or treatment decisions."
+
+
+class Unavailable(Exception):
+    """503: loading, draining, or the admission limit is reached."""
+
+    def __init__(self, message: str, retry_after: int = 1):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Service:
+    def __init__(self, model: EdgeModel, settings: Settings, metrics: Metrics):
+        self.model, self.settings, self.metrics = model, settings, metrics
+        self.batcher = Batcher(model, settings.max_batch, settings.max_delay_ms, metrics.observe_batch)
+        self.pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="xray-decode")
+        self.guard = model.info.ood if model.has_guard else None
+        self.ready = self.draining = False
+        self.in_flight = 0
+        info = model.info
+        metrics.model.info({"name": info.model_name, "file": model.path.name, "precision": info.precision,
+                            "classes": ",".join(info.classes), "checkpoint_sha256": info.checkpoint_sha256,
+                            "ood_guard": str(model.has_guard).lower()})
+        metrics.queue_depth.set_function(lambda: self.batcher.waiting)
+        metrics.in_flight.set_function(lambda: self.in_flight)
+
+    # ------------------------------------------------------------------ lifecycle
+    def warm_up(self):
+        """One inference before the service says it is ready (first runs allocate and pick kernels)."""
+        spec = self.model.info.spec
+        start = time.perf_counter()
+        self.batcher.run_now([np.zeros((spec.channels, spec.input_size, spec.input_size), np.float32)])
+        self.batcher.start()
+        self.ready = True
+        log.info("model %s warmed up in %.0f ms: ready", self.model.path.name, (time.perf_counter() - start) * 1e3)
+
+    def close(self):
+        self.ready, self.draining = False, True
+        self.batcher.stop()
+        self.pool.shutdown(wait=True)
+
+    # ------------------------------------------------------------------ admission
+    @contextmanager
+    def admit(self):
+        if self.draining:
+            raise Unavailable("the server is shutting down")
+        if not self.ready:
+            raise Unavailable("the model is still loading")
+        if self.in_flight >= self.settings.max_queue:
+            self.metrics.errors.labels("queue_full").inc()
+            raise Unavailable(f"server busy: {self.in_flight} requests in flight (--max-queue "
+                              f"{self.settings.max_queue}); retry shortly")
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+
+    # ------------------------------------------------------------------ work
+    def _prepare(self, data: bytes, name: str):
+        try:
+            return prepare(data, self.model.info.spec, self.settings.max_pixels, name=name), None
+        except ImageError as e:
+            return None, str(e)
+
+    async def classify(self, files: list[tuple[str, bytes]], top_k: int | None, ood_action: str) -> list[dict]:
+        """[(file name, bytes)] -> one record per file, in order; a file that fails gets an error object."""
+        loop = asyncio.get_running_loop()
+        prepared = await asyncio.gather(*(loop.run_in_executor(self.pool, self._prepare, data, name)
+                                          for name, data in files))
+        ok = [i for i, (array, _) in enumerate(prepared) if array is not None]
+        rows = dict(zip(ok, await self.batcher.predict([prepared[i][0] for i in ok]))) if ok else {}
+        classes = self.model.info.classes
+        out = []
+        for i, (name, _) in enumerate(files):
+            if i not in rows:
+                message = prepared[i][1]
+                self.metrics.images.labels("error").inc()
+                self.metrics.errors.labels(error_kind(message)).inc()
+                out.append({"file": name, "error": {"kind": error_kind(message), "message": message}})
+                continue
+            row = rows[i]
+            self.metrics.images.labels("classified").inc()
+            if row.ood:
+                self.metrics.images.labels("ood").inc()
+            out.append(record(Result(name, row.probs, ood_score=row.ood_score, ood=row.ood), classes, top_k,
+                              self.guard, ood_action))
+        return out
+
+    def metadata(self) -> dict:
+        m, i, s = self.model, self.model.info, self.settings
+        return {"model_name": i.model_name, "file": m.path.name, "precision": i.precision, "classes": i.classes,
+                "image_spec": json.loads(i.spec.to_json()), "checkpoint_sha256": i.checkpoint_sha256,
+                "export_date": i.export_date, "verification": i.verification,
+                "ood_guard": i.ood if m.has_guard else None, "heatmaps": m.has_cam,
+                "chosen_because": s.model_reason, "onnxruntime": ort.__version__,
+                "limits": {"max_upload_mb": s.max_upload_mb, "max_files": s.max_files, "max_pixels": s.max_pixels,
+                           "max_batch": s.max_batch, "max_delay_ms": s.max_delay_ms, "max_queue": s.max_queue},
+                "ood_action": s.ood_action, "notice": NOTICE}
+
+
+def error_kind(message: str) -> str:
+    """A stable machine-readable kind for common.imageio's one-line reasons."""
+    text = message.lower()
+    if "empty file" in text:
+        return "empty"
+    if "too large" in text or "decompression bomb" in text:
+        return "too_many_pixels"
+    if "truncated" in text or "corrupt" in text:
+        return "corrupt"
+    if "dicom" in text:
+        return "bad_dicom"
+    return "not_an_image"
