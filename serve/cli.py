@@ -85,7 +85,7 @@ def main(model_path, precision, host, port, api_key_file, max_batch, max_delay_m
                         allow_origins=tuple(allow_origins), model_reason=choice.reason)
     app = create_app(model, settings)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=log_level == "debug",
-                            limit_concurrency=max_queue * 2 + 16, timeout_graceful_shutdown=30,
+                            limit_concurrency=max(256, 4 * max_queue), timeout_graceful_shutdown=30,
                             timeout_keep_alive=5, server_header=False)
     server = GracefulServer(config)
     server.run()

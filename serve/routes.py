@@ -6,6 +6,7 @@ from importlib.resources import files as package_files
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from .schemas import Health, Metadata, PredictResponse
@@ -94,7 +95,7 @@ async def read_uploads(request: Request, max_files: int) -> list[tuple[str, byte
         return [(name, data)]
     try:
         form = await request.form(max_files=max_files, max_fields=max_files + 16)
-    except HTTPException as e:
+    except StarletteHTTPException as e:  # what Starlette's form parser raises (FastAPI's is a subclass)
         if e.status_code == 400 and "too many files" in str(e.detail).lower():
             raise HTTPException(413, f"more than {max_files} files in one request (--max-files)") from None
         raise
