@@ -46,7 +46,7 @@ function card(file) {
   const img = el("img");
   img.alt = file.name;
   img.src = URL.createObjectURL(file);
-  img.onerror = () => { img.removeAttribute("src"); img.alt = "no preview"; };
+  img.onerror = () => img.replaceWith(el("div", "noimg", /\.dcm$|\.dicom$/i.test(file.name) ? "DICOM" : "no preview"));
   const body = el("div");
   body.append(el("p", "name", file.name), el("p", "pred", "classifying…"), el("div", "bars"));
   c.append(img, body);
