@@ -15,7 +15,11 @@ $(PY):
 $(STAMP): pyproject.toml Makefile | $(PY)
 	$(PY) -m pip install --quiet -e '.[train,dicom,serve,dev]'
 	# wheels of the edge install, so the no-torch venv test runs offline
-	$(PY) -m pip download --quiet --only-binary=:all: -d $(VENV)/edge-wheels onnxruntime numpy pillow click
+	$(PY) -m pip download --quiet --only-binary=:all: -d $(VENV)/edge-wheels onnxruntime numpy pillow click \
+		fastapi uvicorn python-multipart prometheus-client httptools uvloop
+	# the page's real-browser test: Debian's chromium + its driver (a browser that downloads itself fails offline)
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
 	touch $(STAMP)
 
 install: $(STAMP)

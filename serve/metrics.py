@@ -26,6 +26,8 @@ class Metrics:
                                     registry=r)
         self.inference = Histogram("xray_inference_seconds", "onnxruntime time per batch", buckets=LATENCY_BUCKETS,
                                    registry=r)
+        self.decode = Histogram("xray_decode_seconds", "Decode + preprocess time per image", buckets=LATENCY_BUCKETS,
+                                registry=r)
         self.in_flight = Gauge("xray_requests_in_flight", "Predict requests admitted and not yet answered",
                                registry=r)
         self.queue_depth = Gauge("xray_queue_depth", "Images decoded and waiting for the model", registry=r)

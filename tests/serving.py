@@ -18,10 +18,10 @@ SERVE = [sys.executable, "-c", "from xray.serve.cli import main; main(prog_name=
 class Server:
     """xray-serve ARGS on a free port of 127.0.0.1; `url`; stop() sends SIGTERM and returns the exit code."""
 
-    def __init__(self, *args, env: dict | None = None, ready_timeout: float = 60):
+    def __init__(self, *args, env: dict | None = None, ready_timeout: float = 60, command: list | None = None):
         self.log_path = f"/tmp/xray-serve-test-{uuid.uuid4().hex[:8]}.log"
         self.log = open(self.log_path, "w+")
-        self.proc = subprocess.Popen([*SERVE, "--port", "0", *map(str, args)], stdout=self.log,
+        self.proc = subprocess.Popen([*(command or SERVE), "--port", "0", *map(str, args)], stdout=self.log,
                                      stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
         deadline = time.monotonic() + ready_timeout
         while time.monotonic() < deadline:

@@ -66,3 +66,21 @@ def test_edge_wheel_imports_without_torch(tmp_path, tiny_onnx):
     assert cli.returncode == 0, cli.stderr
     pred = json.loads(cli.stdout)["predictions"][0]
     assert pred["prediction"] in tiny_onnx[3] and abs(sum(pred["probabilities"].values()) - 1) < 1e-9
+
+    # the service: `pip install 'xray-edge[serve]'` (the extra's wheels only, offline) serves the same prediction
+    subprocess.run(pip + ["--find-links", str(dist), "xray-edge[serve]"], check=True)
+    assert subprocess.run([str(py), "-c", "import importlib.util as u; assert u.find_spec('torch') is None"]).returncode == 0
+    import requests
+    from serving import Server
+
+    with Server("--model", tiny_onnx[0], command=[str(env_dir / "bin" / "xray-serve")]) as server:
+        r = requests.post(server.url + "/v1/predict", data=image.read_bytes(), headers={"Content-Type": "image/png"})
+        assert r.status_code == 200, r.text
+        served = r.json()["predictions"][0]
+        assert served["prediction"] == pred["prediction"]
+        for c, p in pred["probabilities"].items():
+            assert abs(served["probabilities"][c] - p) < 1e-6
+        page = requests.get(server.url + "/")  # the page and its assets are in the wheel
+        assert page.status_code == 200 and "not a medical device" in page.text.lower()
+        assert requests.get(server.url + "/static/app.js").status_code == 200
+    assert server.proc.returncode == 0, server.output()

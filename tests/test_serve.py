@@ -88,6 +88,27 @@ def test_help_and_bad_options_exit_with_one_line(tiny_onnx, tmp_path):
     assert proc.returncode == 2 and "API key file is empty" in proc.stderr
 
 
+def test_serves_with_torch_unimportable(tiny_onnx, images):
+    """The service never imports torch (nor onnx, timm, ...), directly or through another module."""
+    blocker = ("import sys, importlib.abc\n"
+               "class Block(importlib.abc.MetaPathFinder):\n"
+               "    def find_spec(self, name, path=None, target=None):\n"
+               "        if name.split('.')[0] in {'torch', 'torchvision', 'timm', 'accelerate', 'onnx', 'sklearn'}:\n"
+               "            raise ImportError('blocked for this test: ' + name)\n"
+               "sys.meta_path.insert(0, Block())\n"
+               "from xray.serve.cli import main\n"
+               "try:\n"
+               "    main(prog_name='xray-serve')\n"
+               "finally:\n"
+               "    assert 'torch' not in sys.modules, 'xray-serve imported torch'\n")
+    import sys
+
+    with Server("--model", tiny_onnx[0], command=[sys.executable, "-c", blocker]) as s:
+        r = predict(s, {"a.png": images["png8"], "b.dcm": images["dicom"]})
+        assert r.status_code == 200 and all("prediction" in p for p in r.json()["predictions"]), r.text
+    assert s.proc.returncode == 0 and "blocked for this test" not in s.output(), s.output()
+
+
 # ------------------------------------------------------------------------------------------ endpoints
 
 
