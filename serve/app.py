@@ -19,9 +19,17 @@ from .settings import Settings
 log = logging.getLogger("xray.serve")
 
 
-def create_app(model: EdgeModel, settings: Settings) -> FastAPI:
+def create_app(model: EdgeModel, settings: Settings, node_settings=None) -> FastAPI:
+    """node_settings (serve.dicom_node.NodeSettings): also a DICOM node on the same model worker; the
+    caller starts it (app.state.node.start(), so a port in use fails before HTTP starts) and the
+    lifespan stops it before the model worker."""
     metrics = Metrics()
     service = Service(model, settings, metrics)
+    node = None
+    if node_settings is not None:
+        from .dicom_node import DicomNode
+
+        node = DicomNode(service, node_settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -31,13 +39,15 @@ def create_app(model: EdgeModel, settings: Settings) -> FastAPI:
         finally:
             if not warm.done():
                 await warm
+            if node is not None:
+                await asyncio.to_thread(node.stop)  # its associations finish on the model worker first
             await asyncio.to_thread(service.close)  # uvicorn has finished the in-flight requests by now
             log.info("stopped")
 
     app = FastAPI(title="xray-edge", version="0.1.0", lifespan=lifespan,
                   description=f"Chest X-ray classification with {model.info.model_name} "
                               f"({model.info.precision}). {NOTICE}")
-    app.state.service = service
+    app.state.service, app.state.node = service, node
     app.include_router(router)
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
     if settings.allow_origins:

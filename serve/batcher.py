@@ -11,6 +11,7 @@ import asyncio
 import queue
 import threading
 import time
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,13 +46,15 @@ class Batcher:
         self._queue.put(_STOP)
         self._thread.join(timeout)
 
+    def submit(self, image: np.ndarray) -> Future:
+        """Queue one image; the Future gets its Row (callers on any thread: HTTP handlers, DICOM associations)."""
+        future: Future = Future()
+        self.waiting += 1
+        self._queue.put((image, future))
+        return future
+
     async def predict(self, images: list[np.ndarray]) -> list[Row]:
-        loop = asyncio.get_running_loop()
-        futures = [loop.create_future() for _ in images]
-        for image, future in zip(images, futures):
-            self.waiting += 1
-            self._queue.put((image, future, loop))
-        return list(await asyncio.gather(*futures))
+        return list(await asyncio.gather(*(asyncio.wrap_future(self.submit(image)) for image in images)))
 
     def run_now(self, images: list[np.ndarray]) -> list[Row]:
         """Synchronous batch on the caller's thread (the warm-up, before the model thread starts)."""
@@ -84,14 +87,14 @@ class Batcher:
     def _run(self, batch):
         start = time.perf_counter()
         try:
-            rows = self._rows(self.model.predict(np.stack([image for image, _, _ in batch])))
+            rows = self._rows(self.model.predict(np.stack([image for image, _ in batch])))
         except Exception as e:  # an onnxruntime failure fails this batch's requests, not the thread
-            for _, future, loop in batch:
-                loop.call_soon_threadsafe(_set, future, None, e)
+            for _, future in batch:
+                _set(future, None, e)
             return
         self.on_batch(len(batch), time.perf_counter() - start)
-        for (_, future, loop), row in zip(batch, rows):
-            loop.call_soon_threadsafe(_set, future, row, None)
+        for (_, future), row in zip(batch, rows):
+            _set(future, row, None)
 
     @staticmethod
     def _rows(out) -> list[Row]:
@@ -99,10 +102,8 @@ class Batcher:
                     None if out.ood is None else bool(out.ood[k])) for k in range(len(out.probs))]
 
 
-def _set(future: asyncio.Future, row, error):
-    if future.done():  # the request is gone (cancelled)
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(row)
+def _set(future: Future, row, error):
+    try:
+        future.set_exception(error) if error is not None else future.set_result(row)
+    except InvalidStateError:  # cancelled: the request is gone
+        pass

@@ -100,22 +100,29 @@ class Service:
                                           for name, data in files))
         ok = [i for i, (array, _) in enumerate(prepared) if array is not None]
         rows = dict(zip(ok, await self.batcher.predict([prepared[i][0] for i in ok]))) if ok else {}
-        classes = self.model.info.classes
-        out = []
-        for i, (name, _) in enumerate(files):
-            if i not in rows:
-                message = prepared[i][1]
-                self.metrics.images.labels("error").inc()
-                self.metrics.errors.labels(error_kind(message)).inc()
-                out.append({"file": name, "error": {"kind": error_kind(message), "message": message}})
-                continue
-            row = rows[i]
-            self.metrics.images.labels("classified").inc()
-            if row.ood:
-                self.metrics.images.labels("ood").inc()
-            out.append(record(Result(name, row.probs, ood_score=row.ood_score, ood=row.ood), classes, top_k,
-                              self.guard, ood_action))
-        return out
+        return [self._record(name, rows.get(i), prepared[i][1], top_k, ood_action) for i, (name, _) in enumerate(files)]
+
+    def classify_blocking(self, data: bytes, name: str, ood_action: str = "abstain") -> tuple[dict, dict]:
+        """One file from a non-async caller (the DICOM node's association threads): the same decode pool,
+        batcher and record. Returns (record, timing in ms)."""
+        start = time.perf_counter()
+        array, error = self.pool.submit(self._prepare, data, name).result()
+        decoded = time.perf_counter()
+        row = self.batcher.submit(array).result() if array is not None else None
+        timing = {"decode_ms": round((decoded - start) * 1e3, 2),
+                  "model_ms": round((time.perf_counter() - decoded) * 1e3, 2)}
+        return self._record(name, row, error, None, ood_action), timing
+
+    def _record(self, name: str, row, error: str | None, top_k: int | None, ood_action: str) -> dict:
+        if row is None:
+            self.metrics.images.labels("error").inc()
+            self.metrics.errors.labels(error_kind(error)).inc()
+            return {"file": name, "error": {"kind": error_kind(error), "message": error}}
+        self.metrics.images.labels("classified").inc()
+        if row.ood:
+            self.metrics.images.labels("ood").inc()
+        return record(Result(name, row.probs, ood_score=row.ood_score, ood=row.ood), self.model.info.classes, top_k,
+                      self.guard, ood_action)
 
     def metadata(self) -> dict:
         m, i, s = self.model, self.model.info, self.settings
