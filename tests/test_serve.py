@@ -89,13 +89,14 @@ def test_help_and_bad_options_exit_with_one_line(tiny_onnx, tmp_path):
 
 
 def test_serves_with_torch_unimportable(tiny_onnx, images):
-    """The service never imports torch (nor onnx, timm, ...), directly or through another module."""
+    """The service and its DICOM node never import torch (nor onnx, timm, ...), directly or through another module."""
     blocker = ("import sys, importlib.abc\n"
                "class Block(importlib.abc.MetaPathFinder):\n"
                "    def find_spec(self, name, path=None, target=None):\n"
                "        if name.split('.')[0] in {'torch', 'torchvision', 'timm', 'accelerate', 'onnx', 'sklearn'}:\n"
                "            raise ImportError('blocked for this test: ' + name)\n"
                "sys.meta_path.insert(0, Block())\n"
+               "import xray.serve.dicom_sr  # the SR builder is imported lazily by the node: check it too\n"
                "from xray.serve.cli import main\n"
                "try:\n"
                "    main(prog_name='xray-serve')\n"
@@ -103,7 +104,8 @@ def test_serves_with_torch_unimportable(tiny_onnx, images):
                "    assert 'torch' not in sys.modules, 'xray-serve imported torch'\n")
     import sys
 
-    with Server("--model", tiny_onnx[0], command=[sys.executable, "-c", blocker]) as s:
+    with Server("--model", tiny_onnx[0], "--dicom-port", 0, "--results", images["png8"].parent / "blocked-node",
+                command=[sys.executable, "-c", blocker]) as s:
         r = predict(s, {"a.png": images["png8"], "b.dcm": images["dicom"]})
         assert r.status_code == 200 and all("prediction" in p for p in r.json()["predictions"]), r.text
     assert s.proc.returncode == 0 and "blocked for this test" not in s.output(), s.output()

@@ -1,0 +1,277 @@
+"""The DICOM node (xray-serve --dicom-port) with real associations on 127.0.0.1: C-ECHO, C-STORE of the
+real chest CR and of generated DX / Secondary Capture files, results equal to xray-infer's, SRs arriving
+at a test SCP playing the PACS, refusals, limits, and 50 instances over 4 simultaneous associations."""
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from conftest import run_command, xray_infer
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import (ComprehensiveSRStorage, CTImageStorage, DigitalXRayImageStorageForPresentation,
+                                  SecondaryCaptureImageStorage, Verification)
+from serving import SERVE, Server
+from test_infer import radiograph
+
+pytestmark = pytest.mark.slow
+STORAGE = [DigitalXRayImageStorageForPresentation, SecondaryCaptureImageStorage,
+           "1.2.840.10008.5.1.4.1.1.1"]  # CR
+
+
+def write_dicom(path: Path, image: np.ndarray, sop_class, bits: int, *, patient="P001", study=None, **extra) -> Path:
+    """A radiograph in [0, 1] as a MONOCHROME2 DICOM file with `bits` stored bits (8, 12 or 16)."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = sop_class
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study or generate_uid(), generate_uid()
+    ds.PatientID, ds.PatientName, ds.Modality = patient, "Test^Patient", "OT" if sop_class == SecondaryCaptureImageStorage else "DX"
+    ds.Rows, ds.Columns = image.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PixelRepresentation = 1, "MONOCHROME2", 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = (8 if bits == 8 else 16), bits, bits - 1
+    dtype = np.uint8 if bits == 8 else np.uint16
+    ds.PixelData = np.rint(image * (2 ** bits - 1)).astype(dtype).tobytes()
+    for key, value in extra.items():
+        setattr(ds, key, value)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def dicoms(tmp_path_factory):
+    from test_common_imageio import _find_rg1
+
+    root = tmp_path_factory.mktemp("dicoms")
+    cr = _find_rg1()
+    assert cr is not None, "RG1_UNCR.dcm (pydicom-data) is not installed"
+    files = {"cr": Path(cr)}
+    for i, (name, sop, bits) in enumerate((("dx16", DigitalXRayImageStorageForPresentation, 16),
+                                           ("dx12", DigitalXRayImageStorageForPresentation, 12),
+                                           ("sc8", SecondaryCaptureImageStorage, 8))):
+        files[name] = write_dicom(root / f"{name}.dcm", radiograph(640 + 64 * i, seed=30 + i), sop, bits,
+                                  patient=f"P{i:03d}")
+    files["lateral"] = write_dicom(root / "lateral.dcm", radiograph(600, seed=40), DigitalXRayImageStorageForPresentation,
+                                   16, ViewPosition="LL", BodyPartExamined="CHEST")
+    files["hand"] = write_dicom(root / "hand.dcm", radiograph(600, seed=41), DigitalXRayImageStorageForPresentation,
+                                16, BodyPartExamined="HAND")
+    corrupt = pydicom.dcmread(files["dx16"])
+    corrupt.PixelData = corrupt.PixelData[: len(corrupt.PixelData) // 3]
+    corrupt.SOPInstanceUID = corrupt.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    files["corrupt"] = root / "corrupt.dcm"
+    corrupt.save_as(files["corrupt"], enforce_file_format=True)
+    return files
+
+
+class Pacs:
+    """A Storage SCP playing the PACS: keeps every SR it receives."""
+
+    def __init__(self):
+        self.received, self.arrived = [], threading.Event()
+        ae = AE(ae_title="PACS")
+        ae.add_supported_context(ComprehensiveSRStorage)
+        ae.add_supported_context(Verification)
+
+        def on_store(event):
+            ds = event.dataset
+            ds.file_meta = event.file_meta
+            self.received.append(ds)
+            self.arrived.set()
+            return 0x0000
+
+        self.server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+        self.port = self.server.server_address[1]
+
+    def wait_for(self, n: int, timeout: float = 30):
+        deadline = time.monotonic() + timeout
+        while len(self.received) < n and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.received
+
+
+def node_port(server: Server) -> int:
+    return int(re.search(r"DICOM node \S+ listening on 127\.0\.0\.1:(\d+)", server.output()).group(1))
+
+
+def scu(calling="MODALITY", contexts=(Verification, *STORAGE)) -> AE:
+    ae = AE(ae_title=calling)
+    for cx in contexts:
+        ae.add_requested_context(cx)
+    return ae
+
+
+def results(folder: Path) -> list[dict]:
+    path = folder / "results.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def instances(folder: Path) -> dict:
+    return {r["sop_instance_uid"]: r for r in results(folder) if r["event"] == "instance"}
+
+
+@pytest.fixture(scope="module")
+def node(tiny_onnx, tmp_path_factory):
+    pacs = Pacs()
+    out = tmp_path_factory.mktemp("node_results")
+    with Server("--model", tiny_onnx[0], "--dicom-port", 0, "--results", out, "--allow-ae", "MODALITY",
+                "--allow-ae", "LOADTEST", "--send-to", f"PACS@127.0.0.1:{pacs.port}") as s:
+        yield s, node_port(s), out, pacs
+    pacs.server.shutdown()
+
+
+def store(port: int, paths, calling="MODALITY") -> list[int]:
+    assoc = scu(calling).associate("127.0.0.1", port, ae_title="XRAY_EDGE")
+    assert assoc.is_established
+    try:
+        return [assoc.send_c_store(pydicom.dcmread(p)).Status for p in paths]
+    finally:
+        assoc.release()
+
+
+def test_c_echo(node):
+    _, port, _, _ = node
+    assoc = scu().associate("127.0.0.1", port, ae_title="XRAY_EDGE")
+    assert assoc.is_established
+    assert assoc.send_c_echo().Status == 0x0000
+    assoc.release()
+
+
+def test_c_store_results_equal_xray_infer_and_srs_reach_the_pacs(node, dicoms, tiny_onnx):
+    from xray.serve.dicom_sr import summarize_sr
+
+    _, port, out, pacs = node
+    names = ("cr", "dx16", "dx12", "sc8")
+    assert store(port, [dicoms[n] for n in names]) == [0x0000] * 4
+    cli = {Path(p["file"]).name: p for p in json.loads(xray_infer("--model", tiny_onnx[0],
+                                                                    *[dicoms[n] for n in names], "-f", "json").stdout)["predictions"]}
+    logged = instances(out)
+    for n in names:
+        ds = pydicom.dcmread(dicoms[n], stop_before_pixels=True)
+        rec = logged[ds.SOPInstanceUID]
+        assert rec["status"] == "classified" and rec["calling_ae"] == "MODALITY"
+        assert rec["study_instance_uid"] == ds.StudyInstanceUID and rec["series_instance_uid"] == ds.SeriesInstanceUID
+        assert rec["patient_id"] == str(ds.PatientID) and rec["model"]["name"] == "efficientnet_lite0"
+        assert len(rec["model"]["checkpoint_sha256"]) in (0, 64) and rec["timing"]["total_ms"] > 0
+        ref = cli[dicoms[n].name]
+        assert rec["prediction"] == ref["prediction"]
+        for c, p in ref["probabilities"].items():
+            assert rec["probabilities"][c] == pytest.approx(p, abs=1e-6), (n, c)
+    srs = pacs.wait_for(4)
+    assert len(srs) >= 4
+    by_source = {}
+    import highdicom as hd
+
+    for sr in srs:
+        hd.sr.ComprehensiveSR.from_dataset(sr)  # validates as an SR highdicom can read
+        summary = summarize_sr(sr)
+        for uid in summary["references"]:
+            by_source[uid] = (sr, summary)
+    for n in names:
+        ds = pydicom.dcmread(dicoms[n], stop_before_pixels=True)
+        sr, summary = by_source[ds.SOPInstanceUID]
+        assert sr.StudyInstanceUID == ds.StudyInstanceUID and sr.SOPClassUID == ComprehensiveSRStorage
+        assert summary["finding"].lower() == logged[ds.SOPInstanceUID]["prediction"].lower()
+        for c, p in logged[ds.SOPInstanceUID]["probabilities"].items():
+            assert summary["probabilities"][c] == pytest.approx(p, abs=1e-6)
+    sent = [r for r in results(out) if r["event"] == "sr_sent"]
+    assert {r["sop_instance_uid"] for r in sent} >= {pydicom.dcmread(dicoms[n]).SOPInstanceUID for n in names}
+
+
+def test_non_chest_instances_are_logged_with_a_reason_and_get_no_diagnosis(node, dicoms):
+    _, port, out, pacs = node
+    before = len(pacs.received)
+    assert store(port, [dicoms["lateral"], dicoms["hand"], dicoms["corrupt"], dicoms["dx16"]]) == [0x0000] * 4
+    logged = instances(out)
+    uid = lambda n: pydicom.dcmread(dicoms[n], stop_before_pixels=True).SOPInstanceUID  # noqa: E731
+    lateral, hand, corrupt = logged[uid("lateral")], logged[uid("hand")], logged[uid("corrupt")]
+    assert lateral["status"] == "not_classified" and "lateral view" in lateral["reason"] and "prediction" not in lateral
+    assert hand["status"] == "not_classified" and "BodyPartExamined HAND" in hand["reason"]
+    assert corrupt["status"] == "error" and "pixel data" in corrupt["reason"] and "prediction" not in corrupt
+    assert logged[uid("dx16")]["status"] == "classified"  # the next instance still works
+    time.sleep(1)
+    refs = {u for sr in pacs.received[before:] for u in __import__("xray.serve.dicom_sr", fromlist=["x"]).summarize_sr(sr)["references"]}
+    assert uid("lateral") not in refs and uid("hand") not in refs and uid("corrupt") not in refs
+
+
+def test_non_image_sop_class_is_refused_in_negotiation(node):
+    _, port, out, _ = node
+    ae = scu(contexts=(Verification, CTImageStorage, "1.2.840.10008.5.1.4.1.1.88.11"))  # CT, Basic Text SR
+    assoc = ae.associate("127.0.0.1", port, ae_title="XRAY_EDGE")
+    assert assoc.is_established
+    accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
+    assert accepted == {Verification}
+    assoc.release()
+    refused = [r for r in results(out) if r["event"] == "contexts_refused"]
+    assert refused and "CT Image Storage" in refused[-1]["sop_classes"] and "Basic Text SR Storage" in refused[-1]["sop_classes"]
+
+
+def test_unknown_calling_ae_is_rejected(node):
+    _, port, out, _ = node
+    assoc = scu("STRANGER").associate("127.0.0.1", port, ae_title="XRAY_EDGE")
+    assert assoc.is_rejected and not assoc.is_established
+    assert any(r["event"] == "association_rejected" and r["calling_ae"] == "STRANGER" for r in results(out))
+
+
+def test_fifty_instances_over_four_associations_none_lost(node, dicoms, tmp_path):
+    _, port, out, _ = node
+    files = []
+    for i in range(50):
+        files.append(write_dicom(tmp_path / f"load{i:02d}.dcm", radiograph(256, seed=100 + i % 5),
+                                 DigitalXRayImageStorageForPresentation, 12, patient=f"L{i:02d}"))
+    statuses = {}
+
+    def worker(k):
+        statuses[k] = store(port, files[k::4], calling="LOADTEST")
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert sum(len(v) for v in statuses.values()) == 50 and all(s == 0 for v in statuses.values() for s in v)
+    logged = instances(out)
+    uids = {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files}
+    assert uids <= set(logged) and all(logged[u]["status"] == "classified" for u in uids)
+
+
+def test_instance_size_limit_and_failed_sends_never_block_receiving(tiny_onnx, dicoms, tmp_path):
+    out = tmp_path / "results"
+    # nothing listens on the --send-to port: every SR send fails, is retried, and logged as failed
+    with Server("--model", tiny_onnx[0], "--dicom-port", 0, "--results", out, "--max-instance-mb", 2,
+                "--send-to", "NOBODY@127.0.0.1:9", "--send-retries", 2) as s:
+        port = node_port(s)
+        start = time.monotonic()
+        assert store(port, [dicoms["dx16"]]) == [0x0000]
+        assert time.monotonic() - start < 5  # answered while the SR send is failing
+        assoc = scu().associate("127.0.0.1", port, ae_title="XRAY_EDGE")
+        status = assoc.send_c_store(pydicom.dcmread(dicoms["cr"]))  # 7 MB > 2 MB: the node aborts
+        assert getattr(status, "Status", None) != 0x0000
+        deadline = time.monotonic() + 10
+        while assoc.is_established and time.monotonic() < deadline:  # the requestor notices the A-ABORT
+            time.sleep(0.05)
+        assert assoc.is_aborted
+        assert store(port, [dicoms["sc8"]]) == [0x0000]  # the next association works
+        deadline = time.monotonic() + 20
+        while not any(r["event"] == "sr_failed" for r in results(out)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    log = results(out)
+    assert any(r["event"] == "association_aborted" and "2 MB limit" in r["reason"] for r in log)
+    failed = [r for r in log if r["event"] == "sr_failed"]
+    assert failed and failed[0]["attempts"] == 2 and "NOBODY@127.0.0.1:9" in failed[0]["destination"]
+
+
+def test_bad_dicom_options_exit_2(tiny_onnx):
+    for args, words in ((["--dicom-port", 0, "--send-to", "PACS-host-104"], "expected AE_TITLE@HOST:PORT"),
+                        (["--allow-ae", "X"], "add --dicom-port"),
+                        (["--dicom-port", 0, "--ae-title", "A_TITLE_LONGER_THAN_16"], "1 to 16 characters")):
+        proc = run_command([*SERVE, "--model", tiny_onnx[0], *args], check=False, timeout=60)
+        assert proc.returncode == 2 and words in proc.stderr, proc.stderr
