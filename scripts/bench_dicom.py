@@ -1,0 +1,163 @@
+#!/usr/bin/env python
+"""The DICOM node under load on 127.0.0.1: instances per second received + classified over one association
+and over four, against xray-infer on the same images as DICOM and as PNG files on disk. Torch-free.
+
+    python scripts/bench_dicom.py --model runs/demo/export [--instances 48]
+
+Instances are DX (16-bit words, 12 bits stored, MONOCHROME2) generated from the synthetic chest renderer at
+1200-2000 px, the size digital radiographs arrive in; every C-STORE must return 0x0000 and every instance
+must appear in results.jsonl as classified, or the run fails.
+"""
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+import pydicom
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+from make_synthetic import Anatomy, render  # noqa: E402
+from send_dicom import make_ae, send  # noqa: E402
+
+from xray.common.cpu import cpu_model, int8_dot_product  # noqa: E402
+
+BIN = Path(sys.executable).parent
+DX = "1.2.840.10008.5.1.4.1.1.1.1"
+
+
+def make_files(folder: Path, n: int, seed: int = 3) -> tuple[list[Path], list[Path]]:
+    """n DX DICOMs and the same images as 8-bit PNGs."""
+    rng = np.random.default_rng(seed)
+    (folder / "dcm").mkdir(parents=True)
+    (folder / "png").mkdir()
+    dcms, pngs = [], []
+    for i in range(n):
+        size = int(rng.integers(1200, 2001))
+        img = render(("clear", "lower_patchy", "upper_nodules")[i % 3], Anatomy.sample(rng, size), rng)
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = DX
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.PatientID, ds.Modality = generate_uid(), generate_uid(), f"B{i}", "DX"
+        ds.Rows, ds.Columns = img.shape
+        ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PixelRepresentation = 1, "MONOCHROME2", 0
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
+        ds.PixelData = np.rint(img * 4095).astype(np.uint16).tobytes()
+        dcms.append(folder / "dcm" / f"dx{i:03d}.dcm")
+        ds.save_as(dcms[-1], enforce_file_format=True)
+        pngs.append(folder / "png" / f"dx{i:03d}.png")
+        Image.fromarray(np.rint(img * 255).astype(np.uint8), "L").save(pngs[-1])
+    return dcms, pngs
+
+
+def infer_rate(model: str, folder: Path, one: Path) -> dict:
+    def wall(target):
+        t0 = time.perf_counter()
+        proc = subprocess.run([BIN / "xray-infer", "--model", model, target, "-f", "jsonl", "-q"], capture_output=True,
+                              text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"xray-infer failed: {proc.stderr[-400:]}")
+        return time.perf_counter() - t0, len(proc.stdout.splitlines())
+
+    wall(folder)  # page cache
+    (total, n), (single, _) = wall(folder), wall(one)
+    return {"images": n, "per_s": n / total, "steady_per_s": (n - 1) / max(total - single, 1e-9)}
+
+
+def start_node(model: str, results: Path, log_path: Path):
+    log = open(log_path, "w")
+    proc = subprocess.Popen([BIN / "xray-serve", "--model", model, "--port", "0", "--dicom-port", "0", "--results",
+                             results, "--max-associations", "8"], stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        text = log_path.read_text()
+        if (m := re.search(r"DICOM node \S+ listening on 127\.0\.0\.1:(\d+)", text)) and "ready" in text:
+            return proc, int(m.group(1))
+        if proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    proc.kill()
+    raise SystemExit(f"xray-serve did not start:\n{log_path.read_text()[-2000:]}")
+
+
+def store_all(port: int, datasets, associations: int) -> float:
+    import threading
+
+    ae = make_ae("BENCH", {DX})
+    statuses: dict = {}
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=send, args=(ae, ("XRAY_EDGE", "127.0.0.1", port), datasets[k::associations],
+                                                   statuses)) for k in range(associations)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(600)
+    elapsed = time.perf_counter() - t0
+    bad = [s for s in statuses.values() if s != "0x0000"]
+    if bad or len(statuses) != len(datasets):
+        raise SystemExit(f"{len(bad)} C-STOREs failed ({bad[:3]}), {len(datasets) - len(statuses)} not sent")
+    return elapsed
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--model", default=str(ROOT / "runs" / "demo" / "export"), show_default=True,
+              help="Export folder (the faster precision on this CPU) or a model file.")
+@click.option("--instances", type=click.IntRange(min=4), default=48, show_default=True)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the figures here.")
+def main(model, instances, json_path):
+    with tempfile.TemporaryDirectory(prefix="bench_dicom_") as tmp:
+        tmp = Path(tmp)
+        dcms, pngs = make_files(tmp, instances)
+        mb = sum(p.stat().st_size for p in dcms) / len(dcms) / 2 ** 20
+        res = {"cpu": cpu_model(), "int8_dot_product": int8_dot_product(), "instances": instances,
+               "mean_instance_mb": mb, "xray_infer_dicom": infer_rate(model, tmp / "dcm", dcms[0]),
+               "xray_infer_png": infer_rate(model, tmp / "png", pngs[0])}
+        datasets = [(str(p), pydicom.dcmread(p)) for p in dcms]
+        proc, port = start_node(model, tmp / "results", tmp / "serve.log")
+        try:
+            store_all(port, datasets[:4], 1)  # warm
+            for n in (1, 4):
+                for _, ds in datasets:
+                    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()  # a new instance
+                res[f"node_{n}_assoc_per_s"] = instances / store_all(port, datasets, n)
+            time.sleep(0.5)
+            logged = [json.loads(line) for line in (tmp / "results" / "results.jsonl").read_text().splitlines()]
+            statuses = [r["status"] for r in logged if r["event"] == "instance"]
+            res["logged"] = {s: statuses.count(s) for s in sorted(set(statuses))}
+            answered = statuses.count("classified") + statuses.count("out_of_distribution")
+            if answered != 2 * instances + 4:
+                raise SystemExit(f"results.jsonl answers {answered} instances, expected {2 * instances + 4}: "
+                                 f"{res['logged']}")
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            res["server_exit"] = proc.wait(60)
+    print(f"\nDICOM node bench: {res['cpu']}, int8 dot product {res['int8_dot_product'] or 'none'}; {instances} DX "
+          f"instances of 1200-2000 px (mean {mb:.1f} MB)\n")
+    print("| path | instances/s |\n|---|---:|")
+    for label, key in (("xray-infer, the DICOM files in one folder (steady / whole process)", "xray_infer_dicom"),
+                       ("xray-infer, the same images as PNG (steady / whole process)", "xray_infer_png")):
+        print(f"| {label} | {res[key]['steady_per_s']:.1f} / {res[key]['per_s']:.1f} |")
+    for n in (1, 4):
+        print(f"| DICOM node, C-STORE over {n} association{'s' if n > 1 else ''} (received + classified + logged) | "
+              f"{res[f'node_{n}_assoc_per_s']:.1f} |")
+    print(f"\nall {2 * instances + 4} C-STOREs 0x0000 and logged with a result ({res['logged']}); "
+          f"xray-serve exit {res['server_exit']}")
+    if json_path:
+        Path(json_path).write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()
