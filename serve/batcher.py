@@ -28,6 +28,7 @@ class Row:
     probs: np.ndarray
     ood_score: float | None
     ood: bool | None
+    cam: np.ndarray | None = None  # classes x h x w, only when the caller asked for it
 
 
 class Batcher:
@@ -36,7 +37,11 @@ class Batcher:
         self.on_batch = on_batch or (lambda size, seconds: None)  # metrics hook
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name="xray-model", daemon=True)
-        self.waiting = 0  # images queued, not yet running (the /metrics queue depth)
+
+    @property
+    def waiting(self) -> int:
+        """Images queued, not yet running (the /metrics queue depth)."""
+        return self._queue.qsize()
 
     def start(self):
         self._thread.start()
@@ -46,11 +51,11 @@ class Batcher:
         self._queue.put(_STOP)
         self._thread.join(timeout)
 
-    def submit(self, image: np.ndarray) -> Future:
-        """Queue one image; the Future gets its Row (callers on any thread: HTTP handlers, DICOM associations)."""
+    def submit(self, image: np.ndarray, cam: bool = False) -> Future:
+        """Queue one image; the Future gets its Row (callers on any thread: HTTP handlers, DICOM associations).
+        cam=True: the Row carries the class activation maps (the batch then computes them for all)."""
         future: Future = Future()
-        self.waiting += 1
-        self._queue.put((image, future))
+        self._queue.put((image, future, cam))
         return future
 
     async def predict(self, images: list[np.ndarray]) -> list[Row]:
@@ -66,7 +71,6 @@ class Batcher:
             if item is _STOP:
                 return
             batch, stop = self._collect(item)
-            self.waiting -= len(batch)
             self._run(batch)
             if stop:
                 return
@@ -87,19 +91,21 @@ class Batcher:
     def _run(self, batch):
         start = time.perf_counter()
         try:
-            rows = self._rows(self.model.predict(np.stack([image for image, _ in batch])))
+            cam = any(want for _, _, want in batch)
+            rows = self._rows(self.model.predict(np.stack([image for image, _, _ in batch]), cam=cam))
         except Exception as e:  # an onnxruntime failure fails this batch's requests, not the thread
-            for _, future in batch:
+            for _, future, _ in batch:
                 _set(future, None, e)
             return
         self.on_batch(len(batch), time.perf_counter() - start)
-        for (_, future), row in zip(batch, rows):
-            _set(future, row, None)
+        for (_, future, want), row in zip(batch, rows):
+            _set(future, row if want or row.cam is None else Row(row.probs, row.ood_score, row.ood), None)
 
     @staticmethod
     def _rows(out) -> list[Row]:
         return [Row(out.probs[k], None if out.ood_score is None else float(out.ood_score[k]),
-                    None if out.ood is None else bool(out.ood[k])) for k in range(len(out.probs))]
+                    None if out.ood is None else bool(out.ood[k]), None if out.cam is None else out.cam[k])
+                for k in range(len(out.probs))]
 
 
 def _set(future: Future, row, error):

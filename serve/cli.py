@@ -68,6 +68,8 @@ SIGTERM / Ctrl-C: stop accepting, finish the requests in flight, exit 0.
 @click.option("--send-to", metavar="AE@HOST:PORT", help="Send a DICOM Structured Report per instance there.")
 @click.option("--max-instance-mb", type=click.FloatRange(min=0.001), default=256.0, show_default=True,
               help="An association sending a larger instance is aborted.")
+@click.option("--send-heatmap", is_flag=True,
+              help="With --send-to: also send the heatmap overlay as a Secondary Capture (models with heatmaps).")
 @click.option("--send-retries", type=click.IntRange(min=1), default=5, show_default=True,
               help="Attempts per SR (back-off 1, 2, 4, ... s) before it is logged as failed.")
 @click.option("--max-associations", type=click.IntRange(min=1), default=8, show_default=True,
@@ -79,7 +81,7 @@ SIGTERM / Ctrl-C: stop accepting, finish the requests in flight, exit 0.
 @exit_on_user_error
 def main(model_path, precision, host, port, api_key_file, max_batch, max_delay_ms, max_queue, max_upload_mb,
          max_files, max_pixels, threads, decode_workers, ood_action, allow_origins, dicom_port, ae_title, allow_ae,
-         results_dir, send_to, send_retries, max_instance_mb, max_associations, max_pdu_kb, log_level):
+         results_dir, send_to, send_heatmap, send_retries, max_instance_mb, max_associations, max_pdu_kb, log_level):
     """Serve chest X-ray classification over HTTP: a JSON API, Prometheus metrics and a web page."""
     from xray.infer.model import EdgeModel, choose_model, cpu_count
 
@@ -105,10 +107,12 @@ def main(model_path, precision, host, port, api_key_file, max_batch, max_delay_m
                         allow_origins=tuple(allow_origins), model_reason=choice.reason)
     node_settings = None
     if dicom_port is not None:
+        if send_heatmap and not send_to:
+            raise XrayError("--send-heatmap needs --send-to AE@HOST:PORT")
         node_settings = dicom_settings(host, dicom_port, ae_title, allow_ae, results_dir, send_to, send_retries,
-                                       max_instance_mb, max_associations, max_pdu_kb)
-    elif send_to or allow_ae:
-        raise XrayError("--send-to / --allow-ae configure the DICOM node: add --dicom-port PORT")
+                                       max_instance_mb, max_associations, max_pdu_kb, send_heatmap)
+    elif send_to or allow_ae or send_heatmap:
+        raise XrayError("--send-to / --send-heatmap / --allow-ae configure the DICOM node: add --dicom-port PORT")
     app = create_app(model, settings, node_settings)
     if app.state.node is not None:
         try:
@@ -126,7 +130,7 @@ def main(model_path, precision, host, port, api_key_file, max_batch, max_delay_m
 
 
 def dicom_settings(host, port, ae_title, allow_ae, results_dir, send_to, send_retries, max_instance_mb,
-                   max_associations, max_pdu_kb):
+                   max_associations, max_pdu_kb, send_heatmap=False):
     from pathlib import Path
 
     from .dicom_node import Destination, NodeSettings
@@ -140,7 +144,7 @@ def dicom_settings(host, port, ae_title, allow_ae, results_dir, send_to, send_re
         raise XrayError(f"--send-to {e}") from None
     return NodeSettings(port=port, host=host, ae_title=ae_title, allow_ae=tuple(allow_ae), results_dir=Path(results_dir),
                         send_to=destination, max_pdu=max_pdu_kb * 1024, max_instance_mb=max_instance_mb,
-                        max_associations=max_associations, send_retries=send_retries)
+                        max_associations=max_associations, send_retries=send_retries, send_heatmap=send_heatmap)
 
 
 def read_key(path: str | None) -> str | None:

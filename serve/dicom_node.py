@@ -78,6 +78,7 @@ class NodeSettings:
     max_pdu: int = 65536  # bytes per PDU this node receives
     max_instance_mb: float = 256.0  # an association sending more for one instance is aborted
     max_associations: int = 8
+    send_heatmap: bool = False  # also send the heatmap overlay as a Secondary Capture with each SR
     send_retries: int = 5  # attempts per SR before it is logged as failed
     retry_base_s: float = 1.0  # back-off: 1, 2, 4, ... seconds
 
@@ -95,6 +96,9 @@ class ResultsLog:
         line = json.dumps({"time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), "event": event,
                            **fields}, default=str)
         with self._lock:
+            if self._file.closed:  # an association still finishing after stop(): say so rather than fail
+                log.warning("results log closed, not written: %s", line)
+                return
             self._file.write(line + "\n")
             self._file.flush()
 
@@ -184,7 +188,9 @@ class DicomNode:
             if reason:
                 self.results.write("instance", status="not_classified", reason=reason, **ids, model=self.model_fields)
                 return STATUS_OK
-            record, timing = self.service.classify_blocking(event.encoded_dataset(), f"{ids['sop_instance_uid']}.dcm")
+            data = event.encoded_dataset()
+            want_cam = bool(self.sender and self.settings.send_heatmap and self.service.model.has_cam)
+            record, timing, cam = self.service.classify_blocking(data, f"{ids['sop_instance_uid']}.dcm", cam=want_cam)
         except Exception as e:  # a malformed dataset must not take the node down
             log.exception("C-STORE failed")
             self.results.write("instance", status="error", reason=f"cannot read the dataset ({_one_line(e)})", **ids)
@@ -198,8 +204,8 @@ class DicomNode:
                   if k in record}
         status = "out_of_distribution" if record.get("ood") else "classified"
         self.results.write("instance", status=status, **ids, **fields, model=self.model_fields, timing=timing)
-        if self.sender:
-            self.sender.submit(ds, record)
+        if self.sender:  # a heatmap only for a diagnosis: none for an image the guard flagged
+            self.sender.submit(ds, record, (data, cam) if cam is not None and not record.get("ood") else None)
         return STATUS_OK
 
 

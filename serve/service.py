@@ -102,16 +102,17 @@ class Service:
         rows = dict(zip(ok, await self.batcher.predict([prepared[i][0] for i in ok]))) if ok else {}
         return [self._record(name, rows.get(i), prepared[i][1], top_k, ood_action) for i, (name, _) in enumerate(files)]
 
-    def classify_blocking(self, data: bytes, name: str, ood_action: str = "abstain") -> tuple[dict, dict]:
+    def classify_blocking(self, data: bytes, name: str, ood_action: str = "abstain",
+                          cam: bool = False) -> tuple[dict, dict, np.ndarray | None]:
         """One file from a non-async caller (the DICOM node's association threads): the same decode pool,
-        batcher and record. Returns (record, timing in ms)."""
+        batcher and record. Returns (record, timing in ms, class activation maps when asked and present)."""
         start = time.perf_counter()
         array, error = self.pool.submit(self._prepare, data, name).result()
         decoded = time.perf_counter()
-        row = self.batcher.submit(array).result() if array is not None else None
+        row = self.batcher.submit(array, cam=cam).result() if array is not None else None
         timing = {"decode_ms": round((decoded - start) * 1e3, 2),
                   "model_ms": round((time.perf_counter() - decoded) * 1e3, 2)}
-        return self._record(name, row, error, None, ood_action), timing
+        return self._record(name, row, error, None, ood_action), timing, None if row is None else row.cam
 
     def _record(self, name: str, row, error: str | None, top_k: int | None, ood_action: str) -> dict:
         if row is None:

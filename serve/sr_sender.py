@@ -10,23 +10,26 @@ import time
 
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
-from pynetdicom.sop_class import ComprehensiveSRStorage
+from pynetdicom.sop_class import ComprehensiveSRStorage, SecondaryCaptureImageStorage
 
 log = logging.getLogger("xray.serve.dicom")
 QUEUE_LIMIT = 1000  # SRs waiting to be sent; beyond it a result is logged as not sent (memory stays bounded)
+HEATMAP_MAX_SIDE = 1024  # the Secondary Capture is for a viewer's glance, not diagnosis: keep it small
 
 
 class SrSender:
     def __init__(self, settings, results, service):
         self.settings, self.results = settings, results
         info = service.model.info
+        self.spec = info.spec
         self.model = {"name": info.model_name, "precision": info.precision, "checkpoint_sha256": info.checkpoint_sha256,
                       "version": package_version(), "classes": list(info.classes), "manufacturer": "xray-edge"}
         self._queue: queue.Queue = queue.Queue(QUEUE_LIMIT)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="xray-sr-sender", daemon=True)
         self.ae = AE(ae_title=settings.ae_title)
-        self.ae.add_requested_context(ComprehensiveSRStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        for sop_class in (ComprehensiveSRStorage, SecondaryCaptureImageStorage):
+            self.ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         self.ae.acse_timeout = self.ae.dimse_timeout = self.ae.network_timeout = 30
 
     def start(self):
@@ -38,9 +41,10 @@ class SrSender:
         self._queue.put(None)
         self._thread.join(timeout)
 
-    def submit(self, source, record: dict):
+    def submit(self, source, record: dict, heatmap=None):
+        """heatmap: (the instance's bytes, its class activation maps), to send an overlay SC with the SR."""
         try:
-            self._queue.put_nowait((source, record))
+            self._queue.put_nowait((source, record, heatmap))
         except queue.Full:
             self.results.write("sr_not_sent", sop_instance_uid=str(source.get("SOPInstanceUID", "")),
                                reason=f"{QUEUE_LIMIT} reports already waiting for {self.settings.send_to.ae_title}")
@@ -52,12 +56,14 @@ class SrSender:
                 return
             self._send_with_retries(*item)
 
-    def _send_with_retries(self, source, record):
+    def _send_with_retries(self, source, record, heatmap):
         from .dicom_sr import build_sr
 
         src_uid = str(source.get("SOPInstanceUID", ""))
         try:
-            sr = build_sr(source, record, self.model)
+            objects = [build_sr(source, record, self.model)]
+            if heatmap is not None:
+                objects.append(self._heatmap_sc(source, record, *heatmap))
         except Exception as e:  # a dataset highdicom cannot reference: logged, never retried
             log.exception("building the SR failed")
             self.results.write("sr_failed", sop_instance_uid=src_uid, attempts=0, reason=f"cannot build the SR: {e}")
@@ -65,27 +71,46 @@ class SrSender:
         dest, reason = self.settings.send_to, ""
         attempts = 1 if self._stop.is_set() else max(1, self.settings.send_retries)
         for attempt in range(1, attempts + 1):
-            status, reason = self._send(sr)
+            status, reason = self._send(objects)
             if status == 0x0000:
-                self.results.write("sr_sent", sop_instance_uid=src_uid, sr_sop_instance_uid=str(sr.SOPInstanceUID),
-                                   destination=f"{dest.ae_title}@{dest.host}:{dest.port}", attempts=attempt)
+                extra = {"heatmap_sop_instance_uid": str(objects[1].SOPInstanceUID)} if len(objects) > 1 else {}
+                self.results.write("sr_sent", sop_instance_uid=src_uid, sr_sop_instance_uid=str(objects[0].SOPInstanceUID),
+                                   **extra, destination=f"{dest.ae_title}@{dest.host}:{dest.port}", attempts=attempt)
                 return
             if attempt < attempts and self._stop.wait(self.settings.retry_base_s * 2 ** (attempt - 1)):
                 attempts = attempt + 1  # stopping: one last try, no more waiting
         self.results.write("sr_failed", sop_instance_uid=src_uid, attempts=attempts,
                            destination=f"{dest.ae_title}@{dest.host}:{dest.port}", reason=reason)
 
-    def _send(self, sr) -> tuple[int | None, str]:
+    def _heatmap_sc(self, source, record, data: bytes, cam):
+        import numpy as np
+
+        from xray.common.imageio import load_image
+        from xray.infer.heatmap import overlay
+
+        from .dicom_sr import build_heatmap_sc
+
+        image = load_image(data, name="instance.dcm")
+        image.thumbnail((HEATMAP_MAX_SIDE, HEATMAP_MAX_SIDE))
+        best = max(range(len(cam)), key=lambda k: record["probabilities"][self.model["classes"][k]])
+        caption = f"{record['prediction']} {record['probability']:.2f} - xray-edge, research use only"
+        return build_heatmap_sc(source, np.asarray(overlay(image, cam[best], self.spec, caption)))
+
+    def _send(self, objects) -> tuple[int | None, str]:
+        """All of one result's objects (the SR, the heatmap) over one association; 0 when every one was stored."""
         dest = self.settings.send_to
         assoc = self.ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
         if not assoc.is_established:
             return None, f"no association with {dest.ae_title}@{dest.host}:{dest.port} (refused or unreachable)"
         try:
-            status = assoc.send_c_store(sr)
-            code = getattr(status, "Status", None)
-            return code, "" if code == 0 else f"C-STORE status {code if code is None else hex(code)}"
+            for ds in objects:
+                code = getattr(assoc.send_c_store(ds), "Status", None)
+                if code != 0:
+                    return code, f"C-STORE of {ds.SOPClassUID.name} status {code if code is None else hex(code)}"
+            return 0, ""
         finally:
-            assoc.release()
+            if assoc.is_established:
+                assoc.release()
 
 
 def package_version() -> str:

@@ -79,6 +79,7 @@ class Pacs:
         self.received, self.arrived = [], threading.Event()
         ae = AE(ae_title="PACS")
         ae.add_supported_context(ComprehensiveSRStorage)
+        ae.add_supported_context(SecondaryCaptureImageStorage)
         ae.add_supported_context(Verification)
 
         def on_store(event):
@@ -275,3 +276,42 @@ def test_bad_dicom_options_exit_2(tiny_onnx):
                         (["--dicom-port", 0, "--ae-title", "A_TITLE_LONGER_THAN_16"], "1 to 16 characters")):
         proc = run_command([*SERVE, "--model", tiny_onnx[0], *args], check=False, timeout=60)
         assert proc.returncode == 2 and words in proc.stderr, proc.stderr
+
+
+def test_heatmap_secondary_capture_with_the_sr(exported, tmp_path):
+    """--send-heatmap: with each SR of a diagnosed instance, the overlay as an RGB Secondary Capture in the same
+    study, pointing at its source; none for an instance the guard flagged."""
+    from PIL import Image
+    from xray.serve.dicom_sr import summarize_sr
+
+    folder, _ = exported
+    test_split = folder.parent.parent / "data" / "test"
+    files = []
+    for i, png in enumerate(sorted(test_split.glob("*/*"))[::10][:4]):  # in-distribution images of the run
+        gray = np.asarray(Image.open(png).convert("L"), np.float64) / 255
+        files.append(write_dicom(tmp_path / f"sc{i}.dcm", gray, SecondaryCaptureImageStorage, 8, patient=f"H{i}"))
+    pacs = Pacs()
+    out = tmp_path / "results"
+    try:
+        with Server("--model", folder / "model.onnx", "--dicom-port", 0, "--results", out, "--send-heatmap",
+                    "--send-to", f"PACS@127.0.0.1:{pacs.port}") as s:
+            assert store(node_port(s), files) == [0x0000] * len(files)
+            logged = instances(out)
+            diagnosed = [u for u, r in logged.items() if r["status"] == "classified"]
+            assert diagnosed, "the guard flagged every in-distribution test image"
+            received = pacs.wait_for(len(files) + len(diagnosed))
+        heatmaps = [d for d in received if d.SOPClassUID == SecondaryCaptureImageStorage]
+        srs = [d for d in received if d.SOPClassUID == ComprehensiveSRStorage]
+        assert len(srs) == len(files) and len(heatmaps) == len(diagnosed)
+        for sc in heatmaps:
+            source = sc.SourceImageSequence[0].ReferencedSOPInstanceUID
+            assert source in diagnosed
+            assert sc.StudyInstanceUID == logged[source]["study_instance_uid"]
+            assert sc.PhotometricInterpretation == "RGB" and sc.SamplesPerPixel == 3
+            rgb = sc.pixel_array
+            assert rgb.shape[2] == 3 and (rgb[..., 0] != rgb[..., 2]).any()  # coloured: the map is drawn
+        sent = {r["sop_instance_uid"]: r for r in results(out) if r["event"] == "sr_sent"}
+        assert all("heatmap_sop_instance_uid" in sent[u] for u in diagnosed)
+        assert {summarize_sr(sr)["references"][0] for sr in srs} == set(logged)
+    finally:
+        pacs.server.shutdown()

@@ -389,7 +389,7 @@ def test_bad_models_exit_2_with_one_line(tiny_onnx, mode_files, tmp_path):
     cases = {
         tmp_path / "missing.onnx": "model file not found",
         tmp_path / "text.onnx": "not a usable ONNX model",
-        tmp_path: "model path is not a file",
+        tmp_path: "no model.int8.onnx or model.onnx in this folder",  # a folder is read as an export folder
         onnx_without_metadata(path, tmp_path / "bare.onnx"): "not an xray-edge model",
         onnx_with_spec(path, tmp_path / "shape.onnx", spec.with_size(96)): "disagrees with its metadata",
     }
