@@ -12,6 +12,8 @@ import uvicorn
 from xray.common.errors import XrayError, exit_on_user_error
 from xray.common.imageio import DEFAULT_MAX_PIXELS
 
+from .dicom_options import dicom_options, node_settings_from
+
 KEY_ENV = "XRAY_API_KEY"
 EPILOG = """\b
 Model: --model (a file or an export folder), else $XRAY_MODEL, else the newest runs/*/export/ below the
@@ -58,30 +60,12 @@ SIGTERM / Ctrl-C: stop accepting, finish the requests in flight, exit 0.
               help="Default for images the out-of-distribution guard flags (a request may ask otherwise).")
 @click.option("--allow-origin", "allow_origins", multiple=True, metavar="URL",
               help="Allow cross-origin requests from this origin (repeatable; '*' is refused). Default: none.")
-@click.option("--dicom-port", type=click.IntRange(0, 65535), default=None,
-              help="Also run a DICOM node (C-ECHO, C-STORE of CR/DX/SC) on this port (e.g. 11112).")
-@click.option("--ae-title", default="XRAY_EDGE", show_default=True, help="The DICOM node's AE title.")
-@click.option("--allow-ae", "allow_ae", multiple=True, metavar="AE",
-              help="Calling AE titles the node accepts (repeatable; default: any).")
-@click.option("--results", "results_dir", type=click.Path(file_okay=False), default="xray-dicom-results",
-              show_default=True, help="Folder of the node's append-only results.jsonl.")
-@click.option("--send-to", metavar="AE@HOST:PORT", help="Send a DICOM Structured Report per instance there.")
-@click.option("--max-instance-mb", type=click.FloatRange(min=0.001), default=256.0, show_default=True,
-              help="An association sending a larger instance is aborted.")
-@click.option("--send-heatmap", is_flag=True,
-              help="With --send-to: also send the heatmap overlay as a Secondary Capture (models with heatmaps).")
-@click.option("--send-retries", type=click.IntRange(min=1), default=5, show_default=True,
-              help="Attempts per SR (back-off 1, 2, 4, ... s) before it is logged as failed.")
-@click.option("--max-associations", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Simultaneous DICOM associations.")
-@click.option("--max-pdu-kb", type=click.IntRange(min=4, max=1024), default=64, show_default=True,
-              help="Largest PDU the node receives.")
+@dicom_options
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
 @exit_on_user_error
 def main(model_path, precision, host, port, api_key_file, max_batch, max_delay_ms, max_queue, max_upload_mb,
-         max_files, max_pixels, threads, decode_workers, ood_action, allow_origins, dicom_port, ae_title, allow_ae,
-         results_dir, send_to, send_heatmap, send_retries, max_instance_mb, max_associations, max_pdu_kb, log_level):
+         max_files, max_pixels, threads, decode_workers, ood_action, allow_origins, log_level, **dicom):
     """Serve chest X-ray classification over HTTP: a JSON API, Prometheus metrics and a web page."""
     from xray.infer.model import EdgeModel, choose_model, cpu_count
 
@@ -105,20 +89,13 @@ def main(model_path, precision, host, port, api_key_file, max_batch, max_delay_m
                         max_upload_mb=max_upload_mb, max_files=max_files, max_pixels=max_pixels,
                         decode_workers=decode_workers or cpu_count(), ood_action=ood_action, api_key=api_key,
                         allow_origins=tuple(allow_origins), model_reason=choice.reason)
-    node_settings = None
-    if dicom_port is not None:
-        if send_heatmap and not send_to:
-            raise XrayError("--send-heatmap needs --send-to AE@HOST:PORT")
-        node_settings = dicom_settings(host, dicom_port, ae_title, allow_ae, results_dir, send_to, send_retries,
-                                       max_instance_mb, max_associations, max_pdu_kb, send_heatmap)
-    elif send_to or allow_ae or send_heatmap:
-        raise XrayError("--send-to / --send-heatmap / --allow-ae configure the DICOM node: add --dicom-port PORT")
+    node_settings = node_settings_from(host, **dicom)
     app = create_app(model, settings, node_settings)
     if app.state.node is not None:
         try:
             app.state.node.start()
         except OSError as e:
-            raise XrayError(f"DICOM node: could not listen on {host}:{dicom_port} ({e.strerror or e})") from None
+            raise XrayError(f"DICOM node: could not listen on {host}:{dicom['dicom_port']} ({e.strerror or e})") from None
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=log_level == "debug",
                             limit_concurrency=max(256, 4 * max_queue), timeout_graceful_shutdown=30,
                             timeout_keep_alive=5, server_header=False)
@@ -127,24 +104,6 @@ def main(model_path, precision, host, port, api_key_file, max_batch, max_delay_m
     if not server.started:
         raise XrayError(f"could not listen on {host}:{port} (in use, or not an address of this machine)")
     sys.exit(0)
-
-
-def dicom_settings(host, port, ae_title, allow_ae, results_dir, send_to, send_retries, max_instance_mb,
-                   max_associations, max_pdu_kb, send_heatmap=False):
-    from pathlib import Path
-
-    from .dicom_node import Destination, NodeSettings
-
-    for title in (ae_title, *allow_ae):
-        if not title.strip() or len(title) > 16 or "\\" in title:
-            raise XrayError(f"AE title {title!r}: 1 to 16 characters, no backslash")
-    try:
-        destination = Destination.parse(send_to) if send_to else None
-    except ValueError as e:
-        raise XrayError(f"--send-to {e}") from None
-    return NodeSettings(port=port, host=host, ae_title=ae_title, allow_ae=tuple(allow_ae), results_dir=Path(results_dir),
-                        send_to=destination, max_pdu=max_pdu_kb * 1024, max_instance_mb=max_instance_mb,
-                        max_associations=max_associations, send_retries=send_retries, send_heatmap=send_heatmap)
 
 
 def read_key(path: str | None) -> str | None:

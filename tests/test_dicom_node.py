@@ -273,6 +273,7 @@ def test_instance_size_limit_and_failed_sends_never_block_receiving(tiny_onnx, d
 def test_bad_dicom_options_exit_2(tiny_onnx):
     for args, words in ((["--dicom-port", 0, "--send-to", "PACS-host-104"], "expected AE_TITLE@HOST:PORT"),
                         (["--allow-ae", "X"], "add --dicom-port"),
+                        (["--dicom-port", 0, "--send-heatmap"], "--send-heatmap needs --send-to"),
                         (["--dicom-port", 0, "--ae-title", "A_TITLE_LONGER_THAN_16"], "1 to 16 characters")):
         proc = run_command([*SERVE, "--model", tiny_onnx[0], *args], check=False, timeout=60)
         assert proc.returncode == 2 and words in proc.stderr, proc.stderr

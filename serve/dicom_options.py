@@ -1,0 +1,60 @@
+"""xray-serve's DICOM node options, and the NodeSettings they make (kept apart from the HTTP options)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from xray.common.errors import XrayError
+
+_OPTIONS = [
+    click.option("--dicom-port", type=click.IntRange(0, 65535), default=None,
+                 help="Also run a DICOM node (C-ECHO, C-STORE of CR/DX/SC) on this port (e.g. 11112)."),
+    click.option("--ae-title", default="XRAY_EDGE", show_default=True, help="The DICOM node's AE title."),
+    click.option("--allow-ae", "allow_ae", multiple=True, metavar="AE",
+                 help="Calling AE titles the node accepts (repeatable; default: any)."),
+    click.option("--results", "results_dir", type=click.Path(file_okay=False), default="xray-dicom-results",
+                 show_default=True, help="Folder of the node's append-only results.jsonl."),
+    click.option("--send-to", metavar="AE@HOST:PORT", help="Send a DICOM Structured Report per instance there."),
+    click.option("--max-instance-mb", type=click.FloatRange(min=0.001), default=256.0, show_default=True,
+                 help="An association sending a larger instance is aborted."),
+    click.option("--send-heatmap", is_flag=True,
+                 help="With --send-to: also send the heatmap overlay as a Secondary Capture (models with heatmaps)."),
+    click.option("--send-retries", type=click.IntRange(min=1), default=5, show_default=True,
+                 help="Attempts per SR (back-off 1, 2, 4, ... s) before it is logged as failed."),
+    click.option("--max-associations", type=click.IntRange(min=1), default=8, show_default=True,
+                 help="Simultaneous DICOM associations."),
+    click.option("--max-pdu-kb", type=click.IntRange(min=4, max=1024), default=64, show_default=True,
+                 help="Largest PDU the node receives."),
+]
+
+
+def dicom_options(func):
+    """The DICOM node's options, added to xray-serve's."""
+    for option in reversed(_OPTIONS):
+        func = option(func)
+    return func
+
+
+def node_settings_from(host, dicom_port, ae_title, allow_ae, results_dir, send_to, send_heatmap, send_retries,
+                       max_instance_mb, max_associations, max_pdu_kb):
+    """The node's settings, or None without --dicom-port (then its other options are a mistake)."""
+    if dicom_port is None:
+        if send_to or allow_ae or send_heatmap:
+            raise XrayError("--send-to / --send-heatmap / --allow-ae configure the DICOM node: add --dicom-port PORT")
+        return None
+    if send_heatmap and not send_to:
+        raise XrayError("--send-heatmap needs --send-to AE@HOST:PORT")
+    from .dicom_node import Destination, NodeSettings
+
+    for title in (ae_title, *allow_ae):
+        if not title.strip() or len(title) > 16 or "\\" in title:
+            raise XrayError(f"AE title {title!r}: 1 to 16 characters, no backslash")
+    try:
+        destination = Destination.parse(send_to) if send_to else None
+    except ValueError as e:
+        raise XrayError(f"--send-to {e}") from None
+    return NodeSettings(port=dicom_port, host=host, ae_title=ae_title, allow_ae=tuple(allow_ae),
+                        results_dir=Path(results_dir), send_to=destination, max_pdu=max_pdu_kb * 1024,
+                        max_instance_mb=max_instance_mb, max_associations=max_associations, send_retries=send_retries,
+                        send_heatmap=send_heatmap)
