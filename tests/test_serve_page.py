@@ -110,3 +110,32 @@ def test_page_asks_for_the_api_key(browser, tiny_onnx, page_images, tmp_path):
         browser.find_element(By.ID, "files").send_keys(str(page_images[0][0]))
         card = wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, ".card[data-prediction]"))[0]
         assert card.get_attribute("data-prediction") in ("NORMAL", "PNEUMONIA", "TUBERCULOSIS")
+
+
+def test_page_marks_what_the_guard_flags(browser, exported, tmp_path):
+    """A model with the out-of-distribution guard: a noise picture's card says it is not like the training
+    data, and why; a test film of the run's own split does not."""
+    import numpy as np
+    from PIL import Image
+    from selenium.webdriver.common.by import By
+
+    folder, _ = exported
+    noise = tmp_path / "noise.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 300), dtype=np.uint8)).save(noise)
+    with Server("--model", folder / "model.onnx") as s:
+        film = next(p for p in sorted((folder.parent.parent / "data" / "test").glob("*/*"))
+                    if not requests.post(s.url + "/v1/predict", data=p.read_bytes(),
+                                         headers={"Content-Type": "image/png"}).json()["predictions"][0]["ood"])
+        browser.get(s.url + "/")
+        wait_for(browser, lambda d: "efficientnet" in d.find_element(By.ID, "model").text)
+        browser.find_element(By.ID, "files").send_keys(f"{noise}\n{film}")
+        cards = wait_for(browser, lambda d: (c := d.find_elements(By.CSS_SELECTOR, ".card[data-prediction]"))
+                         and len(c) == 2 and c)
+        shown = {c.get_attribute("data-file"): c for c in cards}
+        flagged, accepted = shown["noise.png"], shown[film.name]
+        assert "ood" in flagged.get_attribute("class").split()
+        assert "not like the training data" in flagged.find_element(By.CLASS_NAME, "pred").text
+        assert "ood_score" in flagged.find_element(By.CLASS_NAME, "reason").text
+        assert "ood" not in accepted.get_attribute("class").split()
+        assert not accepted.find_elements(By.CLASS_NAME, "reason")
+        assert "verified accuracy" in browser.find_element(By.ID, "model").text

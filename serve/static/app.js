@@ -75,9 +75,11 @@ function show(c, rec) {
     row.title = `${cls}: ${p}`;
     bars.append(row);
   }
-  if (rec.ood) {
+  if (rec.ood) {  // the guard flagged it: say so next to the prediction, and why
     c.classList.add("ood");
-    bars.append(el("p", "reason", "Not like the training data: " + (rec.reason || "do not trust this prediction")));
+    pred.textContent += " · not like the training data";
+    const why = rec.reason || "not like the training data: do not trust the prediction";
+    bars.append(el("p", "reason", why.charAt(0).toUpperCase() + why.slice(1)));
   }
 }
 
