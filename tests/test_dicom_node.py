@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from conftest import run_command, xray_infer
+from conftest import run_command, run_script, xray_infer
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, evt
@@ -248,8 +248,15 @@ def test_instance_size_limit_and_failed_sends_never_block_receiving(tiny_onnx, d
     out = tmp_path / "results"
     # nothing listens on the --send-to port: every SR send fails, is retried, and logged as failed
     with Server("--model", tiny_onnx[0], "--dicom-port", 0, "--results", out, "--max-instance-mb", 2,
-                "--send-to", "NOBODY@127.0.0.1:9", "--send-retries", 2) as s:
+                "--send-to", "NOBODY@127.0.0.1:9", "--send-retries", 2, "--max-associations", 2) as s:
         port = node_port(s)
+        held = [scu().associate("127.0.0.1", port, ae_title="XRAY_EDGE") for _ in range(2)]
+        assert all(a.is_established for a in held)
+        third = scu().associate("127.0.0.1", port, ae_title="XRAY_EDGE")  # over --max-associations 2
+        assert third.is_rejected
+        for a in held:
+            a.release()
+        time.sleep(0.5)
         start = time.monotonic()
         assert store(port, [dicoms["dx16"]]) == [0x0000]
         assert time.monotonic() - start < 5  # answered while the SR send is failing
@@ -316,3 +323,17 @@ def test_heatmap_secondary_capture_with_the_sr(exported, tmp_path):
         assert {summarize_sr(sr)["references"][0] for sr in srs} == set(logged)
     finally:
         pacs.server.shutdown()
+
+
+def test_send_dicom_script_stores_a_folder(node, dicoms, tmp_path):
+    _, port, out, _ = node
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    for name in ("dx16", "sc8"):
+        (folder / f"{name}.dcm").write_bytes(dicoms[name].read_bytes())
+    proc = run_script("send_dicom", folder, "--to", f"XRAY_EDGE@127.0.0.1:{port}", "--calling-ae", "MODALITY",
+                      "--associations", 2, "--repeat", 2)
+    assert "C-ECHO: 0x0000" in proc.stdout and "4 of 4 instances stored" in proc.stdout
+    proc = run_script("send_dicom", folder, "--to", f"XRAY_EDGE@127.0.0.1:{port}", "--calling-ae", "NOT_ALLOWED",
+                      check=False)
+    assert proc.returncode != 0 and "no association" in proc.stderr
