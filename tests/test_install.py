@@ -20,12 +20,14 @@ def test_editable_install_maps_folders_under_xray():
     import xray.common
     import xray.export
     import xray.infer
+    import xray.serve
     import xray.train
 
-    for mod, folder in ((xray.common, "common"), (xray.train, "train"), (xray.export, "export"), (xray.infer, "infer")):
+    for mod, folder in ((xray.common, "common"), (xray.train, "train"), (xray.export, "export"), (xray.infer, "infer"),
+                        (xray.serve, "serve")):
         assert Path(mod.__file__).resolve().parent == ROOT / folder
     # `python -m pytest` puts the repo root on sys.path, so check from elsewhere that nothing bare is importable
-    for bare in ("common", "train", "export", "infer"):
+    for bare in ("common", "train", "export", "infer", "serve"):
         proc = subprocess.run([sys.executable, "-c", f"import {bare}"], capture_output=True, cwd="/")
         assert proc.returncode != 0, f"a bare `{bare}` module is importable"
 
@@ -41,6 +43,7 @@ def test_edge_wheel_imports_without_torch(tmp_path, tiny_onnx):
     top = {n.split("/")[0] for n in names if not n.startswith("xray_edge-")}
     assert top == {"xray"}, f"only the xray package may land in site-packages, got {top}"
     assert "xray/common/preprocess.py" in names and "xray/infer/cli.py" in names
+    assert "xray/serve/static/index.html" in names and "xray/serve/static/app.js" in names
 
     env_dir = tmp_path / "edge-venv"
     venv.EnvBuilder(with_pip=True).create(env_dir)
