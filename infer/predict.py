@@ -38,9 +38,10 @@ def prepare(source: str | bytes, spec: ImageSpec, max_pixels: int = DEFAULT_MAX_
     return preprocess(load_image(source, draft_size=spec.resize_size, max_pixels=max_pixels, name=name), spec)
 
 
-def _prepare_or_error(path, spec, max_pixels):
+def prepare_or_error(source, spec, max_pixels, name=None):
+    """prepare(), with an unusable image as (None, its one-line reason) instead of an exception."""
     try:
-        return prepare(path, spec, max_pixels), None
+        return prepare(source, spec, max_pixels, name), None
     except ImageError as e:
         return None, str(e)
 
@@ -52,18 +53,18 @@ def predict_files(model: EdgeModel, paths: list[str], batch_size: int = 16, work
     spec = model.info.spec
     if workers <= 0 or len(paths) == 1:  # one image: a pool only adds start-up time
         for chunk in _chunks(paths, batch_size):
-            yield from _run(model, [(p, *_prepare_or_error(p, spec, max_pixels)) for p in chunk], cam)
+            yield from _run(model, [(p, *prepare_or_error(p, spec, max_pixels)) for p in chunk], cam)
         return
     lookahead = batch_size + 2 * workers  # bounded: a folder of 100k files never sits in memory at once
     with ThreadPoolExecutor(workers, thread_name_prefix="xray-decode") as pool:
         todo = iter(paths)
-        pending = deque((p, pool.submit(_prepare_or_error, p, spec, max_pixels)) for p in islice(todo, lookahead))
+        pending = deque((p, pool.submit(prepare_or_error, p, spec, max_pixels)) for p in islice(todo, lookahead))
         batch = []
         while pending:
             path, future = pending.popleft()
             nxt = next(todo, None)
             if nxt is not None:
-                pending.append((nxt, pool.submit(_prepare_or_error, nxt, spec, max_pixels)))
+                pending.append((nxt, pool.submit(prepare_or_error, nxt, spec, max_pixels)))
             batch.append((path, *future.result()))
             if len(batch) == batch_size:
                 yield from _run(model, batch, cam)

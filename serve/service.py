@@ -12,10 +12,9 @@ from contextlib import contextmanager
 import numpy as np
 import onnxruntime as ort
 
-from xray.common.errors import ImageError
 from xray.infer.formats import record
 from xray.infer.model import EdgeModel
-from xray.infer.predict import Result, prepare
+from xray.infer.predict import Result, prepare_or_error
 
 from .batcher import Batcher
 from .metrics import Metrics
@@ -87,9 +86,7 @@ class Service:
     def _prepare(self, data: bytes, name: str):
         start = time.perf_counter()
         try:
-            return prepare(data, self.model.info.spec, self.settings.max_pixels, name=name), None
-        except ImageError as e:
-            return None, str(e)
+            return prepare_or_error(data, self.model.info.spec, self.settings.max_pixels, name)
         finally:
             self.metrics.decode.observe(time.perf_counter() - start)
 

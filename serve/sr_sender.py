@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
@@ -54,7 +53,12 @@ class SrSender:
             item = self._queue.get()
             if item is None:
                 return
-            self._send_with_retries(*item)
+            try:
+                self._send_with_retries(*item)
+            except Exception as e:  # a network error must not end the thread: later reports still go out
+                log.exception("sending the SR failed")
+                self.results.write("sr_failed", sop_instance_uid=str(item[0].get("SOPInstanceUID", "")),
+                                   reason=f"{type(e).__name__}: {e}")
 
     def _send_with_retries(self, source, record, heatmap):
         from .dicom_sr import build_sr
@@ -68,8 +72,7 @@ class SrSender:
             log.exception("building the SR failed")
             self.results.write("sr_failed", sop_instance_uid=src_uid, attempts=0, reason=f"cannot build the SR: {e}")
             return
-        dest, reason = self.settings.send_to, ""
-        attempts = 1 if self._stop.is_set() else max(1, self.settings.send_retries)
+        dest, attempts = self.settings.send_to, 1 if self._stop.is_set() else self.settings.send_retries
         for attempt in range(1, attempts + 1):
             status, reason = self._send(objects)
             if status == 0x0000:
@@ -77,9 +80,9 @@ class SrSender:
                 self.results.write("sr_sent", sop_instance_uid=src_uid, sr_sop_instance_uid=str(objects[0].SOPInstanceUID),
                                    **extra, destination=f"{dest.ae_title}@{dest.host}:{dest.port}", attempts=attempt)
                 return
-            if attempt < attempts and self._stop.wait(self.settings.retry_base_s * 2 ** (attempt - 1)):
-                attempts = attempt + 1  # stopping: one last try, no more waiting
-        self.results.write("sr_failed", sop_instance_uid=src_uid, attempts=attempts,
+            if attempt == attempts or self._stop.wait(self.settings.retry_base_s * 2 ** (attempt - 1)):
+                break  # the last attempt, or stopping: no more waiting
+        self.results.write("sr_failed", sop_instance_uid=src_uid, attempts=attempt,
                            destination=f"{dest.ae_title}@{dest.host}:{dest.port}", reason=reason)
 
     def _heatmap_sc(self, source, record, data: bytes, cam):
@@ -92,7 +95,7 @@ class SrSender:
 
         image = load_image(data, name="instance.dcm")
         image.thumbnail((HEATMAP_MAX_SIDE, HEATMAP_MAX_SIDE))
-        best = max(range(len(cam)), key=lambda k: record["probabilities"][self.model["classes"][k]])
+        best = int(np.argmax(list(record["probabilities"].values())))  # in the model's class order
         caption = f"{record['prediction']} {record['probability']:.2f} - xray-edge, research use only"
         return build_heatmap_sc(source, np.asarray(overlay(image, cam[best], self.spec, caption)))
 

@@ -199,7 +199,9 @@ def test_non_chest_instances_are_logged_with_a_reason_and_get_no_diagnosis(node,
     assert corrupt["status"] == "error" and "pixel data" in corrupt["reason"] and "prediction" not in corrupt
     assert logged[uid("dx16")]["status"] == "classified"  # the next instance still works
     time.sleep(1)
-    refs = {u for sr in pacs.received[before:] for u in __import__("xray.serve.dicom_sr", fromlist=["x"]).summarize_sr(sr)["references"]}
+    from xray.serve.dicom_sr import summarize_sr
+
+    refs = {u for sr in pacs.received[before:] for u in summarize_sr(sr)["references"]}
     assert uid("lateral") not in refs and uid("hand") not in refs and uid("corrupt") not in refs
 
 
