@@ -339,3 +339,30 @@ def test_send_dicom_script_stores_a_folder(node, dicoms, tmp_path):
     proc = run_script("send_dicom", folder, "--to", f"XRAY_EDGE@127.0.0.1:{port}", "--calling-ae", "NOT_ALLOWED",
                       check=False)
     assert proc.returncode != 0 and "no association" in proc.stderr
+
+
+def test_stopping_the_sender_ends_its_back_off_at_once(dicoms, tmp_path):
+    """A PACS that is down and a 10 s back-off: stop() does not wait it out, and the report is logged as failed
+    after the attempts it really made."""
+    from types import SimpleNamespace
+
+    from xray.common.image_spec import ImageSpec
+    from xray.serve.dicom_node import Destination, NodeSettings, ResultsLog
+    from xray.serve.sr_sender import SrSender
+
+    settings = NodeSettings(send_to=Destination("NOBODY", "127.0.0.1", 9), send_retries=5, retry_base_s=10)
+    info = SimpleNamespace(model_name="efficientnet_lite0", precision="int8", checkpoint_sha256="ab" * 32,
+                           classes=["NORMAL", "PNEUMONIA", "TUBERCULOSIS"], spec=ImageSpec())
+    log = ResultsLog(tmp_path)
+    sender = SrSender(settings, log, SimpleNamespace(model=SimpleNamespace(info=info)))
+    sender.start()
+    record = {"prediction": "NORMAL", "probability": 0.7, "probabilities": {"NORMAL": 0.7, "PNEUMONIA": 0.2,
+              "TUBERCULOSIS": 0.1}, "ood": False, "ood_score": 1.0}
+    sender.submit(pydicom.dcmread(dicoms["dx16"]), record)
+    time.sleep(1.5)  # the first attempt has failed; the sender is in its first 10 s wait
+    start = time.monotonic()
+    sender.stop()
+    assert time.monotonic() - start < 5
+    log.close()
+    failed = [r for r in results(tmp_path) if r["event"] == "sr_failed"]
+    assert len(failed) == 1 and failed[0]["attempts"] == 1 and "NOBODY@127.0.0.1:9" in failed[0]["reason"]
