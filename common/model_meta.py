@@ -12,7 +12,8 @@ from .image_spec import ImageSpec
 
 FORMAT_VERSION = "1"
 KEYS = ("xray.format_version", "xray.classes", "xray.image_spec", "xray.model_name", "xray.checkpoint_sha256",
-        "xray.export_date", "xray.precision", "xray.verification", "xray.ood")
+        "xray.export_date", "xray.precision", "xray.verification", "xray.ood", "xray.quantization",
+        "xray.int8_cpu_classes")
 
 
 @dataclass
@@ -25,13 +26,17 @@ class ModelInfo:
     precision: str = "fp32"
     verification: dict = field(default_factory=dict)
     ood: dict = field(default_factory=dict)  # the guard: score, threshold, accept, ...; {} for older models
+    quantization: dict = field(default_factory=dict)  # int8 only: the quantizer's settings; {} before they were kept
+    int8_cpu_classes: dict = field(default_factory=dict)  # int8 only: {"covered": [...], "verified": [...]}
 
     def to_metadata(self) -> dict[str, str]:
         return {"xray.format_version": FORMAT_VERSION, "xray.classes": json.dumps(self.classes),
                 "xray.image_spec": self.spec.to_json(), "xray.model_name": self.model_name,
                 "xray.checkpoint_sha256": self.checkpoint_sha256, "xray.export_date": self.export_date,
                 "xray.precision": self.precision, "xray.verification": json.dumps(self.verification),
-                **({"xray.ood": json.dumps(self.ood)} if self.ood else {})}
+                **({"xray.ood": json.dumps(self.ood)} if self.ood else {}),
+                **({"xray.quantization": json.dumps(self.quantization)} if self.quantization else {}),
+                **({"xray.int8_cpu_classes": json.dumps(self.int8_cpu_classes)} if self.int8_cpu_classes else {})}
 
     @classmethod
     def from_metadata(cls, meta: dict[str, str], source: str = "model") -> "ModelInfo":
@@ -43,6 +48,8 @@ class ModelInfo:
             classes = json.loads(meta["xray.classes"])
             verification = json.loads(meta.get("xray.verification") or "{}")
             ood = json.loads(meta.get("xray.ood") or "{}")
+            quantization = json.loads(meta.get("xray.quantization") or "{}")
+            cpu_classes = json.loads(meta.get("xray.int8_cpu_classes") or "{}")
         except json.JSONDecodeError as e:
             raise XrayError(f"{source}: corrupt xray metadata ({e})") from None
         if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
@@ -50,4 +57,4 @@ class ModelInfo:
         return cls(classes=classes, spec=ImageSpec.from_json(meta["xray.image_spec"]),
                    model_name=meta["xray.model_name"], checkpoint_sha256=meta.get("xray.checkpoint_sha256", ""),
                    export_date=meta.get("xray.export_date", ""), precision=meta.get("xray.precision", "fp32"),
-                   verification=verification, ood=ood)
+                   verification=verification, ood=ood, quantization=quantization, int8_cpu_classes=cpu_classes)

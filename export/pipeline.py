@@ -6,9 +6,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import onnx
 import onnxruntime
 
 from xray.common.artifacts import sha256_file
+from xray.common.cpu import detect_cpu
 from xray.common.errors import XrayError
 from xray.common.imageio import load_image
 from xray.common.model_meta import ModelInfo
@@ -18,6 +20,7 @@ from xray.train.data import scan_split
 
 from .edge_graph import OUTPUT_NAMES, EdgeGraph
 from .onnx_export import export_onnx, set_metadata
+from .portability import reference_session, verify_portability, weight_check
 from .quantize import default_settings, quantize
 from .report import write_report
 from .trust import check_backends, fit_guard
@@ -47,6 +50,8 @@ class ExportOptions:
     ood_fit_images: int = 2000
     probe_images: int = 12
     min_ood_agreement: float = 0.98
+    int8_full_range: bool = False
+    emulated_images: int = 16
 
 
 def say(msg: str):
@@ -89,7 +94,7 @@ def run_export(o: ExportOptions) -> bool:
     say(f"export: {meta['model_name']} ({len(classes)} classes, {spec.input_size} px) -> {fp32}")
     export_onnx(graph, spec, fp32, output_names=OUTPUT_NAMES)
     calib = stratified(calib_pool, o.calibration_images)
-    settings = default_settings(o.calibration_method, o.bias_correction_images, o.gptq_images)
+    settings = default_settings(o.calibration_method, o.bias_correction_images, o.gptq_images, o.int8_full_range)
     say(f"quantize: calibrating on {len(calib)} images ({o.calibration_method}) -> {int8.name}")
     candidate = out / ".model.int8.candidate.onnx"
     # batch 1: the histogram calibrators (entropy, percentile) fail on multi-image batches
@@ -97,9 +102,18 @@ def run_export(o: ExportOptions) -> bool:
 
     n_probes = sum(map(len, probes.values()))
     say(f"verify: PyTorch vs ONNX fp32 vs ONNX int8 on {len(eval_samples)} images of {eval_dir} + {n_probes} probes")
-    sessions = {"onnx_fp32": session(fp32, o.threads), "onnx_int8": session(candidate, o.threads)}
+    sessions = {"onnx_fp32": session(fp32, o.threads), "onnx_int8": session(candidate, o.threads),
+                "onnx_int8_unfused": reference_session(candidate, o.threads)}
     paths, labels = [p for p, _ in eval_samples], [label for _, label in eval_samples]
-    logits, trust, int8_guard = check_backends(guard, graph, sessions, spec, paths, [p for p, _ in val_samples], probes)
+    logits, trust, int8_guard, outputs = check_backends(guard, graph, sessions, spec, paths,
+                                                        [p for p, _ in val_samples], probes)
+    host = detect_cpu()
+    static = weight_check(onnx.load(str(candidate)))
+    portability = verify_portability(candidate, outputs, int8_guard["threshold"], static, host, paths, spec,
+                                     o.emulated_images, portable=not o.int8_full_range, log=say)
+    say(f"int8 CPU classes: covered {', '.join(portability['covered'])}; verified {', '.join(portability['verified']) or 'none'}"
+        + "".join(f"; {c} not run under emulation: {e['why']}" for c, e in portability["emulated"].items() if not e["run"]
+                  and e["why"] != "not covered" and not e["why"].startswith("this CPU")))
     metrics = compare(logits, labels, classes)
     flips = flipped_images(eval_samples, labels, logits["pytorch"], logits["onnx_int8"], classes)
 
@@ -110,19 +124,21 @@ def run_export(o: ExportOptions) -> bool:
     agreement = metrics["onnx_int8"]["agreement"]
     ood_agreement = trust["backends"]["onnx_int8"]["ood_decision_agreement"]
     parity_ok = parity <= o.parity_tolerance and parity_trust <= o.parity_tolerance
-    int8_ok = drop <= o.max_accuracy_drop and agreement >= o.min_agreement and ood_agreement >= o.min_ood_agreement
+    int8_ok = (drop <= o.max_accuracy_drop and agreement >= o.min_agreement and ood_agreement >= o.min_ood_agreement
+               and portability["ok"])
     status = "pass" if int8_ok else ("FAIL, kept by --allow-drop" if o.allow_drop else "FAIL, rejected")
     gate = {"parity_tolerance": o.parity_tolerance, "parity_ok": parity_ok, "parity_trust_max_rel_diff": parity_trust,
             "max_accuracy_drop": o.max_accuracy_drop, "min_agreement": o.min_agreement,
             "accuracy_drop_points": drop, "agreement": agreement, "min_ood_agreement": o.min_ood_agreement,
-            "ood_agreement": ood_agreement, "int8_ok": int8_ok, "int8_status": status}
+            "ood_agreement": ood_agreement, "int8_portable": portability["ok"], "int8_ok": int8_ok, "int8_status": status}
     if not int8_ok and o.allow_drop:
         gate["warning"] = (f"int8 failed the gate (drop {drop:.2f} points, agreement {agreement * 100:.2f}%, OOD "
-                           f"decisions agree {ood_agreement * 100:.2f}%) and was kept because of --allow-drop")
+                           f"decisions agree {ood_agreement * 100:.2f}%"
+                           + "".join(f"; {p}" for p in portability["problems"]) + ") and was kept because of --allow-drop")
 
     say(f"latency: batch 1 and 16, {o.threads} threads")
     latency = {"threads": o.threads, "runs": o.latency_runs}
-    for name, sess in sessions.items():
+    for name, sess in ((k, sessions[k]) for k in ("onnx_fp32", "onnx_int8")):
         latency[name] = {f"batch_{b}": latency_ms(sess, spec, b, o.latency_runs) for b in (1, 16)}
     latency["speedup_batch_1"] = latency["onnx_fp32"]["batch_1"] / latency["onnx_int8"]["batch_1"]
     latency["speedup_batch_16"] = latency["onnx_fp32"]["batch_16"] / latency["onnx_int8"]["batch_16"]
@@ -144,7 +160,8 @@ def run_export(o: ExportOptions) -> bool:
     info = ModelInfo(classes=classes, spec=spec, model_name=meta["model_name"], checkpoint_sha256=sha,
                      export_date=o.export_date, verification=verification, ood=guard.metadata())
     set_metadata(final_fp32, info.to_metadata())
-    info.precision, info.ood = "int8", int8_guard
+    info.precision, info.ood, info.quantization = "int8", int8_guard, settings.to_dict()
+    info.int8_cpu_classes = {"covered": portability["covered"], "verified": portability["verified"]}
     set_metadata(final_int8, info.to_metadata())
 
     files = {"onnx_fp32": final_fp32, "onnx_int8": final_int8}
@@ -153,6 +170,7 @@ def run_export(o: ExportOptions) -> bool:
               "eval": {"split": str(eval_dir), "images": len(labels)}, "metrics": metrics, "gate": gate,
               "int8_flips": flips, "near_tie": NEAR_TIE,
               "latency": latency, "quantization": settings.to_dict() | diagnostics, "onnxruntime": onnxruntime.__version__,
+              "int8_cpu_classes": portability,
               "files": {k: {"path": p.name, "mb": p.stat().st_size / 1e6} for k, p in files.items()},
               "size_ratio": final_int8.stat().st_size / final_fp32.stat().st_size,
               "trust": {"guard": guard.metadata(), "int8_guard": int8_guard, "chosen_by": guard.chosen_by,
@@ -167,7 +185,8 @@ def run_export(o: ExportOptions) -> bool:
     if not int8_ok and not o.allow_drop:
         say(f"error: int8 failed the gate: accuracy drop {drop:.2f} points (limit {o.max_accuracy_drop:g}), agreement "
             f"{agreement * 100:.2f}% (minimum {o.min_agreement * 100:g}%), OOD decisions agree {ood_agreement * 100:.2f}% "
-            f"(minimum {o.min_ood_agreement * 100:g}%); kept {fp32.name}, wrote {final_int8.name}")
+            f"(minimum {o.min_ood_agreement * 100:g}%)" + "".join(f"; {p}" for p in portability["problems"])
+            + f"; kept {fp32.name}, wrote {final_int8.name}")
         return False
     if gate.get("warning"):
         say("WARNING: " + gate["warning"])

@@ -5,10 +5,13 @@ Choices, by measurement on this CPU (2 threads, batch 1, 224 px; see the issue n
   EfficientNet-Lite0 no faster than fp32 and B0 3x slower.
 - every op the quantizer supports is quantized: leaving B0's Sigmoid/Mul in float (Conv/Gemm only)
   inserted so many Q/DQ pairs that int8 ran at 0.7x fp32.
-- reduce_range only on CPUs without VNNI/AMX (7-bit weights avoid overflow in the non-VNNI kernels),
-  and then only for weights that go through MLAS's u8s8 GEMM: depthwise convs run in MLAS's depthwise
-  kernel, which does not saturate, so they keep 8-bit weights (measured: identical fake-quant and real
-  int8 agreement with 8-bit depthwise weights; 8-bit pointwise weights on AVX2 lose 13 points to saturation).
+- reduce_range on every export, whatever CPU runs it (a portable file): 7-bit weights cannot overflow the
+  u8s8 kernels of CPUs without VNNI (AVX2, AVX-512), and the file may be copied to one. Only weights that go
+  through MLAS's u8s8 GEMM / ConvSym kernels: depthwise convs run in MLAS's depthwise kernels, which never
+  saturate, so they keep 8-bit weights (measured: 8-bit pointwise weights on AVX2 lose 13 points to
+  saturation; export/portability.py checks the weights and the kernels on every export). Measured on
+  the demo model on a VNNI machine: the same accuracy and latency as full 8-bit weights.
+  `full_range` (xray-export --int8-full-range) gives 8-bit weights everywhere: right only on VNNI/AMX/Arm.
 - GPTQ weight rounding after quantize_static (export/gptq.py): same scales, integers chosen to minimise
   each layer's output error on calibration images instead of each weight's own rounding error.
 - sequential bias correction after GPTQ: weight rounding on smooth X-ray inputs leaves a
@@ -32,7 +35,6 @@ from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, Q
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from xray.common.artifacts import atomic_path
-from xray.common.cpu import cpu_has_vnni  # noqa: F401  (re-exported: bench_export uses it from here)
 
 from .compact import compact_names
 from .gptq import gptq_round
@@ -48,7 +50,7 @@ class QuantSettings:
     per_channel: bool = True
     activation_type: str = "uint8"
     weight_type: str = "int8"
-    reduce_range: bool = False
+    reduce_range: bool = True  # 7-bit matrix weights: right on every CPU class (False: VNNI/AMX/Arm only)
     quant_format: str = "QDQ"
     op_types: list[str] | None = None  # None: every op type the quantizer supports
     exclude_nodes: list[str] | None = None
@@ -62,9 +64,11 @@ class QuantSettings:
         return asdict(self)
 
 
-def default_settings(method: str = "minmax", bias_correction_images: int = 64, gptq_images: int = 64) -> QuantSettings:
-    """One recipe for every registry model so far; per-backbone exclusions go here once measured."""
-    return QuantSettings(method=method, reduce_range=not cpu_has_vnni(), bias_correction_images=bias_correction_images,
+def default_settings(method: str = "minmax", bias_correction_images: int = 64, gptq_images: int = 64,
+                     full_range: bool = False) -> QuantSettings:
+    """One recipe for every registry model so far, the same on every export machine; per-backbone exclusions go
+    here once measured."""
+    return QuantSettings(method=method, reduce_range=not full_range, bias_correction_images=bias_correction_images,
                          gptq_images=gptq_images)
 
 

@@ -43,6 +43,8 @@ def markdown(r: dict) -> str:
                       f"{f['pytorch_top2_gap']:.3f} | {f['int8']} | {f['int8_probability']:.3f} |" for f in flips[:20]]
             if len(flips) > 20:
                 lines.append(f"\n({len(flips) - 20} more in export_report.json)")
+    if r.get("int8_cpu_classes"):
+        lines += cpu_classes_section(r["int8_cpu_classes"])
     if r.get("trust"):
         lines += trust_section(r["trust"], r["eval"])
     lines += ["", "## Size and latency", "",
@@ -60,6 +62,34 @@ def markdown(r: dict) -> str:
     if q:
         lines += ["", "## Quantization settings", ""] + [f"- {k}: `{v}`" for k, v in q.items()]
     return "\n".join(lines) + "\n"
+
+
+def cpu_classes_section(p: dict) -> list[str]:
+    """Where the int8 model is right: covered by its weights, verified by running it (natively, under qemu)."""
+    st = p["static"]
+    lines = ["", "## int8 on other CPUs", "",
+             f"- **covered** (right by construction): {', '.join(p['covered'])}.",
+             f"- **verified** (run and compared with onnxruntime's unfused reference of the same graph): "
+             f"{', '.join(p['verified']) or 'none'}.",
+             f"- Weights: {st['u8s8_matrix_layers']} u8s8 matrix layers, largest |weight| "
+             f"{st['u8s8_matrix_max_abs_weight']} (at most {st['pair_safe_max_abs_weight']} cannot saturate the "
+             f"non-VNNI kernels of avx2 / avx512; {st['layers_over_pair_safe']} layers over it); "
+             f"{st['depthwise_layers']} depthwise layers keep 8 bits (their kernels never saturate); "
+             f"{st['layers_with_minus_128']} layers hold -128 (Arm's int16 pair sums).", "",
+             "Kernel error ratio: mean |fused int8 - unfused reference| / mean |unfused reference - fp32| "
+             "(logits and OOD score, the worse of the two); exact kernels stay well below 1.", "",
+             "| where | CPU class | images | classes = reference | OOD decisions = reference | kernel error ratio | |",
+             "|---|---|---|---|---|---|---|"]
+    rows = [("this CPU", p["host"] or "unclassified", p["native"])]
+    rows += [(f"qemu -cpu {e['qemu_cpu']}", e["cpu_class_seen"], e) for e in p["emulated"].values() if e["run"]]
+    for where, cls, a in rows:
+        ood = a.get("ood_decision_agreement")
+        lines.append(f"| {where} | {cls} | {a['images']} | {a['class_agreement'] * 100:.1f}% | "
+                     f"{'–' if ood is None else f'{ood * 100:.1f}%'} | {a['kernel_error_ratio']:.2f} | "
+                     f"{'agrees' if a['agrees'] else '**differs**'} |")
+    lines += [f"- {cls}: not run under emulation ({e['why']})." for cls, e in p["emulated"].items() if not e["run"]]
+    lines += [f"- **{problem}**" for problem in p["problems"]]
+    return lines
 
 
 def trust_section(t: dict, ev: dict) -> list[str]:

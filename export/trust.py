@@ -98,10 +98,9 @@ def verify_trust(guard: Guard, outputs: dict, in_dist: slice, families: dict[str
                  int8_threshold: float) -> dict:
     """outputs: backend -> (logits, ood_score, cam) over the eval images followed by every probe family;
     in_dist / families: their rows. Decisions use each model's own threshold (PyTorch and fp32: the
-    guard's; int8: `int8_threshold`)."""
+    guard's; the int8 model and its unfused reference: `int8_threshold`)."""
     ref_logits, ref_ood, ref_cam = outputs["pytorch"]
-    thresholds = {"pytorch": guard.threshold, "onnx_fp32": guard.threshold, "onnx_int8": int8_threshold}
-    flagged = {k: v[1] > thresholds[k] for k, v in outputs.items()}
+    flagged = {k: v[1] > (int8_threshold if k.startswith("onnx_int8") else guard.threshold) for k, v in outputs.items()}
     result = {"backends": {}, "families": {}}
     for name, (logits, ood, cam) in outputs.items():
         corr = cam_correlations(ref_cam[in_dist], cam[in_dist], ref_logits[in_dist].argmax(1))  # chest images
@@ -124,7 +123,8 @@ def verify_trust(guard: Guard, outputs: dict, in_dist: slice, families: dict[str
 def check_backends(guard: Guard, graph, sessions: dict, spec: ImageSpec, eval_paths, val_paths, probes: dict):
     """PyTorch (the EdgeGraph) and every ONNX session over the eval images, then every probe family.
     Returns (each backend's logits of the eval images, the trust verification, the int8 model's own guard
-    metadata: its threshold fitted on its own val scores, as int8 features drift by a few per cent)."""
+    metadata: its threshold fitted on its own val scores, as int8 features drift by a few per cent, and
+    every backend's outputs over the eval images followed by the probes)."""
     batches = chain(file_batches(eval_paths, spec), *(image_batches(v, spec) for v in probes.values()))
     outputs = run_backends(batches, graph, sessions)
     n = len(eval_paths)
@@ -136,4 +136,4 @@ def check_backends(guard: Guard, graph, sessions: dict, spec: ImageSpec, eval_pa
                                for x in file_batches(val_paths, spec)])
     int8_guard = guard.metadata(own_val_scores=int8_val)
     trust = verify_trust(guard, outputs, slice(0, n), rows, int8_guard["threshold"])
-    return {k: v[0][:n] for k, v in outputs.items()}, trust, int8_guard
+    return {k: v[0][:n] for k, v in outputs.items()}, trust, int8_guard, outputs

@@ -12,7 +12,9 @@ from xray.common.imageio import DEFAULT_MAX_PIXELS
 EPILOG = """\b
 Model: --model (a file or an export folder), else $XRAY_MODEL, else the newest runs/*/export/ below
 the current directory. From a folder holding both verified models, the faster one on this CPU: int8
-with VNNI/AMX (or Arm dot product), else fp32 (--precision overrides). Classes and preprocessing come
+with VNNI/AMX (or Arm dot product), else fp32 (--precision overrides). An int8 model runs only on the
+CPU classes its export covers (every class for a default export): from a folder the tools fall back to
+fp32, a file or --precision int8 is refused unless --force-int8. Classes and preprocessing come
 from the model's metadata.
 \b
 Out-of-distribution guard (models from xray-export with it): ood / ood_score per image; a flagged
@@ -29,6 +31,8 @@ are still in the output); 2 nothing could run (no inputs, bad model, bad option)
               help="ONNX model written by xray-export, or its export folder.")
 @click.option("--precision", type=click.Choice(["auto", "int8", "fp32"]), default="auto", show_default=True,
               help="Which model of an export folder: auto picks the faster one on this CPU.")
+@click.option("--force-int8", is_flag=True,
+              help="Run an int8 model even on a CPU its export does not cover (its answers may differ there).")
 @click.option("--format", "-f", "fmt", type=click.Choice(["table", "json", "jsonl", "csv"]), default="table",
               show_default=True, help="Output format.")
 @click.option("--top-k", type=click.IntRange(min=1), help="Show only the k most probable classes per image.")
@@ -51,7 +55,7 @@ are still in the output); 2 nothing could run (no inputs, bad model, bad option)
               help="Write one PNG per image to DIR: the image with the predicted class's activation map over it.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @exit_on_user_error
-def main(inputs, model_path, precision, fmt, top_k, output, threads, batch_size, workers, evaluate, max_pixels, ood_action,
+def main(inputs, model_path, precision, force_int8, fmt, top_k, output, threads, batch_size, workers, evaluate, max_pixels, ood_action,
          heatmap_dir, quiet):
     """Classify chest X-ray images: files, folders (recursive), globs, or - to read paths from stdin.
 
@@ -59,19 +63,19 @@ def main(inputs, model_path, precision, fmt, top_k, output, threads, batch_size,
     """
     from .formats import WRITERS, ood_reason
     from .inputs import collect_inputs
-    from .model import EdgeModel, choose_model, cpu_count
+    from .model import cpu_count, open_model
     from .predict import Result, predict_files
 
     if not inputs:
         raise XrayError("no input: give image files, folders, globs, or - to read paths from stdin (see --help)")
-    choice = choose_model(model_path, precision=precision)
+    model, choice = open_model(model_path, precision, threads, force_int8)
     if choice.reason:
-        click.echo(f"note: model {choice.path} ({choice.reason})", err=True)
-    model = EdgeModel(choice.path, threads)
+        click.echo(f"{'warning' if choice.forced else 'note'}: model {model.path} ({choice.reason})", err=True)
     if warning := model.runtime_warning():
         print(f"warning: {warning}", file=sys.stderr)
-    if note := model.guard_note():
-        click.echo(f"note: {note}", err=True)
+    for note in (model.portability_note(), model.guard_note()):
+        if note:
+            click.echo(f"note: {note}", err=True)
     if heatmap_dir and not model.has_cam:
         raise XrayError(f"--heatmap: {model.path.name} has no class activation maps (exported before they existed); "
                         "re-export it with xray-export")

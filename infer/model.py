@@ -8,6 +8,10 @@ In an export folder holding both verified models (model.int8.onnx and model.onnx
 failed export's accuracy gate is model.int8.rejected.onnx and never picked), the one that is faster on
 this CPU: int8 where the CPU has an int8 dot-product instruction (VNNI, AMX, Arm dot product), else fp32
 (measured here: int8 Lite0 at 0.89x fp32 on AVX2, 1.5-1.9x with VNNI). --precision overrides.
+
+An int8 model is only run on a CPU class its metadata covers (xray.common.int8_classes): from a folder
+chosen automatically the tools fall back to fp32 with a note; a file, or --precision int8, is refused
+unless --force-int8.
 """
 from __future__ import annotations
 
@@ -18,7 +22,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from xray.common.cpu import Cpu, detect_cpu
 from xray.common.errors import XrayError
+from xray.common.int8_classes import Int8Classes
 from xray.common.metrics import softmax
 from xray.common.model_meta import ModelInfo
 
@@ -35,19 +41,21 @@ FILES = {"int8": "model.int8.onnx", "fp32": "model.onnx"}
 class ModelChoice:
     path: Path
     reason: str | None = None  # why this file, when a folder offered both precisions
+    auto: bool = False  # picked by this CPU from a folder holding both models (so fp32 is a fallback)
+    forced: bool = False  # an int8 model run with --force-int8 on a CPU its export does not cover
 
 
 def resolve_model_path(option: str | None, cwd: Path | None = None, precision: str = "auto",
-                       flags: set[str] | None = None) -> Path:
-    return choose_model(option, cwd, precision, flags).path
+                       cpu: Cpu | None = None) -> Path:
+    return choose_model(option, cwd, precision, cpu).path
 
 
 def choose_model(option: str | None, cwd: Path | None = None, precision: str = "auto",
-                 flags: set[str] | None = None) -> ModelChoice:
-    """The model to run (see the module docstring). flags: CPU feature flags (tests pass their own)."""
+                 cpu: Cpu | None = None) -> ModelChoice:
+    """The model to run (see the module docstring). cpu: this CPU's class (tests pass their own)."""
     given = option or os.environ.get(ENV_VAR)
     if given:
-        return choose_in_folder(Path(given), precision, flags) if Path(given).is_dir() else ModelChoice(Path(given))
+        return choose_in_folder(Path(given), precision, cpu) if Path(given).is_dir() else ModelChoice(Path(given))
     best = None
     for folder in Path(cwd or ".").glob(DEFAULT_GLOB):
         newest = max((folder / n for n in PREFERENCE if (folder / n).is_file()), key=_mtime, default=None)
@@ -56,17 +64,15 @@ def choose_model(option: str | None, cwd: Path | None = None, precision: str = "
     if best is None:
         raise XrayError(f"no model: pass --model PATH, set ${ENV_VAR}, or run xray-export "
                         f"(looked for {DEFAULT_GLOB}/{{{','.join(PREFERENCE)}}})")
-    return choose_in_folder(best.parent, precision, flags)
+    return choose_in_folder(best.parent, precision, cpu)
 
 
 def _mtime(p: Path) -> float:
     return p.stat().st_mtime
 
 
-def choose_in_folder(folder: Path, precision: str = "auto", flags: set[str] | None = None) -> ModelChoice:
+def choose_in_folder(folder: Path, precision: str = "auto", cpu: Cpu | None = None) -> ModelChoice:
     """An export folder -> its int8 or fp32 model, by --precision or, for auto, by this CPU."""
-    from xray.common.cpu import int8_dot_product
-
     have = {p: folder / f for p, f in FILES.items() if (folder / f).is_file()}
     if not have:
         raise XrayError(f"{folder}: no model.int8.onnx or model.onnx in this folder (an export folder from xray-export)")
@@ -77,11 +83,30 @@ def choose_in_folder(folder: Path, precision: str = "auto", flags: set[str] | No
         return ModelChoice(have[precision], f"{precision}: asked for with --precision")
     if len(have) == 1:
         return ModelChoice(next(iter(have.values())))
-    dot = int8_dot_product(flags)
+    dot = (cpu or detect_cpu()).int8_dot_product
     if dot:
-        return ModelChoice(have["int8"], f"int8: this CPU has {' and '.join(dot)}, where int8 runs faster than fp32")
+        return ModelChoice(have["int8"], f"int8: this CPU has {dot}, where int8 runs faster than fp32", auto=True)
     return ModelChoice(have["fp32"], "fp32: this CPU has no int8 dot-product instruction (VNNI/AMX), where int8 is "
-                                     "no faster than fp32")
+                                     "no faster than fp32", auto=True)
+
+
+def open_model(option: str | None, precision: str = "auto", threads: int = 0, force_int8: bool = False,
+               cpu: Cpu | None = None, cwd: Path | None = None) -> tuple["EdgeModel", ModelChoice]:
+    """choose_model, open it, and make sure an int8 model is covered on this CPU: (model, why this one).
+    Not covered: an automatic choice from a folder falls back to its fp32 model; otherwise an error that
+    names --force-int8 (which runs it anyway, with a warning in the reason)."""
+    cpu = cpu or detect_cpu()
+    choice = choose_model(option, cwd, precision, cpu)
+    model = EdgeModel(choice.path, threads)
+    problem = model.int8_problem(cpu)
+    if problem is None:
+        return model, choice
+    if force_int8:
+        return model, ModelChoice(choice.path, f"int8 forced with --force-int8, although {problem}", forced=True)
+    fp32 = choice.path.with_name(FILES["fp32"])
+    if choice.auto and fp32.is_file():
+        return EdgeModel(fp32, threads), ModelChoice(fp32, f"fp32: {problem}", auto=True)
+    raise XrayError(f"{choice.path}: {problem}. Run the fp32 model.onnx, or pass --force-int8 to run it anyway")
 
 
 def cpu_count() -> int:
@@ -151,6 +176,22 @@ class EdgeModel:
             return None
         return (f"{self.path.name} was verified with onnxruntime {verified}, this is {ort.__version__}: int8 results "
                 "may differ slightly; check them with xray-infer --eval on labelled images")
+
+    def int8_classes(self) -> Int8Classes | None:
+        """Where this int8 model is right (None for an fp32 model)."""
+        if self.info.precision != "int8":
+            return None
+        return Int8Classes.of(self.info.quantization, self.info.int8_cpu_classes)
+
+    def int8_problem(self, cpu: Cpu) -> str | None:
+        """Why this int8 model must not run on `cpu` (None: fp32, or covered there)."""
+        classes = self.int8_classes()
+        return classes.problem(cpu) if classes else None
+
+    def portability_note(self) -> str | None:
+        """One line for an int8 model exported before int8 portability was checked."""
+        classes = self.int8_classes()
+        return classes.note() if classes else None
 
     def guard_note(self) -> str | None:
         """One line for models without the out-of-distribution guard."""

@@ -18,7 +18,8 @@ KEY_ENV = "XRAY_API_KEY"
 EPILOG = """\b
 Model: --model (a file or an export folder), else $XRAY_MODEL, else the newest runs/*/export/ below the
 current directory; from a folder with both verified models, the faster one on this CPU (int8 with
-VNNI/AMX, else fp32; --precision overrides).
+VNNI/AMX, else fp32; --precision overrides). An int8 model runs only on the CPU classes its export covers:
+from a folder it falls back to fp32, a file or --precision int8 is refused unless --force-int8.
 \b
 Endpoints: GET / (the page), /health/live, /health/ready, /v1/metadata, /metrics, /docs;
 POST /v1/predict (multipart files, or one image as the raw body).
@@ -34,6 +35,8 @@ SIGTERM / Ctrl-C: stop accepting, finish the requests in flight, exit 0.
 @click.option("--model", "-m", "model_path", metavar="PATH", help="ONNX model from xray-export, or its export folder.")
 @click.option("--precision", type=click.Choice(["auto", "int8", "fp32"]), default="auto", show_default=True,
               help="Which model of an export folder: auto picks the faster one on this CPU.")
+@click.option("--force-int8", is_flag=True,
+              help="Run an int8 model even on a CPU its export does not cover (its answers may differ there).")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to bind (0.0.0.0 to serve other machines: set an API key then).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
@@ -64,10 +67,10 @@ SIGTERM / Ctrl-C: stop accepting, finish the requests in flight, exit 0.
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
 @exit_on_user_error
-def main(model_path, precision, host, port, api_key_file, max_batch, max_delay_ms, max_queue, max_upload_mb,
+def main(model_path, precision, force_int8, host, port, api_key_file, max_batch, max_delay_ms, max_queue, max_upload_mb,
          max_files, max_pixels, threads, decode_workers, ood_action, allow_origins, log_level, **dicom):
     """Serve chest X-ray classification over HTTP: a JSON API, Prometheus metrics and a web page."""
-    from xray.infer.model import EdgeModel, choose_model, cpu_count
+    from xray.infer.model import cpu_count, open_model
 
     from .app import create_app
     from .settings import Settings
@@ -76,11 +79,10 @@ def main(model_path, precision, host, port, api_key_file, max_batch, max_delay_m
         raise XrayError("--allow-origin '*' is refused: name the origins that may call the API")
     api_key = read_key(api_key_file)
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s: %(message)s", stream=sys.stderr)
-    choice = choose_model(model_path, precision=precision)
-    model = EdgeModel(choice.path, threads)
+    model, choice = open_model(model_path, precision, threads, force_int8)
     log = logging.getLogger("xray.serve")
-    log.info("model %s (%s)", choice.path, choice.reason or model.info.precision)
-    for note in (model.runtime_warning(), model.guard_note()):
+    (log.warning if choice.forced else log.info)("model %s (%s)", model.path, choice.reason or model.info.precision)
+    for note in (model.runtime_warning(), model.portability_note(), model.guard_note()):
         if note:
             log.warning(note)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
