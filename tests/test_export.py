@@ -42,12 +42,51 @@ def test_writes_verified_self_describing_models(run, exported):
     report = json.loads((out / "export_report.json").read_text())
     assert report["metrics"]["onnx_fp32"]["max_abs_logit_diff"] <= 1e-3
     assert report["gate"]["parity_ok"] and report["gate"]["int8_ok"]
-    assert set(report["metrics"]) == {"pytorch", "onnx_fp32", "onnx_int8"}
+    assert set(report["metrics"]) == {"pytorch", "onnx_fp32", "onnx_int8", "onnx_int8_unfused"}
     assert report["size_ratio"] <= 0.30, "int8 file must be at most 30 % of fp32"
     for name in ("onnx_fp32", "onnx_int8"):
         lat = report["latency"][name]
         assert lat["batch_16"] > lat["batch_1"] > 0, f"{name}: 16 images must take longer than one ({lat})"
     assert report["quantization"]["per_channel"] and report["quantization"]["quant_format"] == "QDQ"
+
+
+def test_default_int8_is_portable_and_verified_on_this_cpu_and_emulated_avx2(exported):
+    """7-bit matrix weights whatever CPU exports: covered on every class; verified here and, through
+    qemu-x86_64 -cpu Haswell (make test installs qemu-user), on AVX2 kernels."""
+    from xray.common.cpu import CPU_CLASSES, detect_cpu
+
+    out, proc = exported
+    info = ModelInfo.from_metadata(onnx_metadata(out / "model.int8.onnx"))
+    assert info.quantization["reduce_range"] is True and info.quantization["weight_type"] == "int8"
+    assert info.int8_cpu_classes["covered"] == list(CPU_CLASSES)
+    host = detect_cpu().cls
+    assert host in info.int8_cpu_classes["verified"] and "avx2" in info.int8_cpu_classes["verified"]
+    fp32_meta = onnx_metadata(out / "model.onnx")
+    assert "xray.quantization" not in fp32_meta and "xray.int8_cpu_classes" not in fp32_meta
+    p = json.loads((out / "export_report.json").read_text())["int8_cpu_classes"]
+    assert p["ok"] and not p["problems"] and p["static"]["u8s8_matrix_max_abs_weight"] <= 64
+    assert p["native"]["agrees"] and p["native"]["kernel_error_ratio"] < 1
+    if host != "avx2":
+        e = p["emulated"]["avx2"]
+        assert e["run"] and e["cpu_class_seen"] == "avx2" and e["agrees"] and 0 < e["images"] <= 16
+    text = (out / "export_report.md").read_text()
+    assert "## int8 on other CPUs" in text and "**covered** (right by construction): avx2, avx512" in text
+    assert f"verified {', '.join(info.int8_cpu_classes['verified'])}" in proc.stderr
+
+
+def test_int8_full_range_is_opt_in_and_covered_only_where_it_cannot_saturate(run, tmp_path):
+    from xray.common.cpu import CPU_CLASSES, SATURATING_CLASSES
+
+    out = tmp_path / "full"
+    proc = xray_export(run, *QUICK, "--output-dir", out, "--eval-split", "val", "--min-agreement", 0.5,
+                       "--max-accuracy-drop", 50, "--int8-full-range", "--allow-drop")
+    info = ModelInfo.from_metadata(onnx_metadata(out / "model.int8.onnx"))
+    assert info.quantization["reduce_range"] is False
+    assert info.int8_cpu_classes["covered"] == [c for c in CPU_CLASSES if c not in SATURATING_CLASSES]
+    assert "avx2" not in info.int8_cpu_classes["verified"]
+    p = json.loads((out / "export_report.json").read_text())["int8_cpu_classes"]
+    assert p["static"]["u8s8_matrix_max_abs_weight"] > 64 and p["emulated"]["avx2"] == {"run": False, "why": "not covered"}
+    assert "covered avx512_vnni, avx_vnni, amx, arm64, arm64_dotprod" in proc.stderr
 
 
 def test_dynamic_batch_and_fixed_size(exported):

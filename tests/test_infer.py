@@ -419,11 +419,13 @@ def test_model_resolution_order(tiny_onnx, tmp_path, monkeypatch):
     os.utime(old / "model.int8.onnx", (1_000_000, 1_000_000))
     assert resolve_model_path(None, tmp_path) == new / "model.onnx"  # newest export; rejected int8 never chosen
     (new / "model.int8.onnx").write_bytes(b"x")
-    vnni, avx2 = {"avx2", "avx512_vnni"}, {"avx2", "fma"}
-    assert resolve_model_path(None, tmp_path, flags=vnni) == new / "model.int8.onnx"  # int8 is faster there
-    assert resolve_model_path(None, tmp_path, flags=avx2) == new / "model.onnx"  # and not there
-    assert resolve_model_path(None, tmp_path, precision="int8", flags=avx2) == new / "model.int8.onnx"
-    assert resolve_model_path(str(new), precision="fp32", flags=vnni) == new / "model.onnx"  # a folder as --model
+    from xray.common.cpu import Cpu
+
+    vnni, avx2 = Cpu("avx512_vnni", "test"), Cpu("avx2", "test")
+    assert resolve_model_path(None, tmp_path, cpu=vnni) == new / "model.int8.onnx"  # int8 is faster there
+    assert resolve_model_path(None, tmp_path, cpu=avx2) == new / "model.onnx"  # and not there
+    assert resolve_model_path(None, tmp_path, precision="int8", cpu=avx2) == new / "model.int8.onnx"
+    assert resolve_model_path(str(new), precision="fp32", cpu=vnni) == new / "model.onnx"  # a folder as --model
     from xray.common.errors import XrayError
 
     with pytest.raises(XrayError, match="no model"):
@@ -551,27 +553,31 @@ def test_int8_model_verified_with_another_onnxruntime_warns_once(tiny_onnx, mode
 
 
 def test_model_choice_by_cpu_features(tmp_path):
-    """Both outcomes of the per-CPU choice, from real /proc/cpuinfo texts, and the errors of --precision."""
-    from xray.common.cpu import cpu_flags, int8_dot_product
+    """Both outcomes of the per-CPU choice, from real /proc/cpuinfo texts (no numpy table), and the errors of
+    --precision."""
+    from xray.common.cpu import classify, cpu_flags, int8_dot_product
     from xray.common.errors import XrayError
     from xray.infer.model import choose_in_folder
 
-    epyc_avx2 = "processor\t: 0\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu sse2 avx avx2 fma bmi2\n"
-    zen4 = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: avx2 avx512f avx512_vnni avx512_bf16\n"
-    graviton = "processor\t: 0\nFeatures\t: fp asimd evtstrm aes crc32 atomics asimddp\n"
-    assert int8_dot_product(cpu_flags(epyc_avx2)) == []
-    assert int8_dot_product(cpu_flags(zen4)) == ["AVX-512 VNNI"]
-    assert int8_dot_product(cpu_flags(graviton)) == ["Arm dot product"]
+    epyc_avx2 = classify({}, cpu_flags("processor\t: 0\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu sse2 avx avx2 fma "
+                                       "bmi2\n"), "x86_64")
+    zen4 = classify({}, cpu_flags("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: avx2 avx512f avx512bw "
+                                  "avx512_vnni avx512_bf16\n"), "x86_64")
+    graviton = classify({}, cpu_flags("processor\t: 0\nFeatures\t: fp asimd evtstrm aes crc32 atomics asimddp\n"),
+                        "aarch64")
+    assert int8_dot_product(epyc_avx2) == []
+    assert int8_dot_product(zen4) == ["AVX-512 VNNI"]
+    assert int8_dot_product(graviton) == ["Arm dot product"]
     folder = tmp_path / "export"
     folder.mkdir()
     for name in ("model.onnx", "model.int8.onnx"):
         (folder / name).write_bytes(b"x")
-    fast = choose_in_folder(folder, flags=cpu_flags(zen4))
+    fast = choose_in_folder(folder, cpu=zen4)
     assert fast.path.name == "model.int8.onnx" and "AVX-512 VNNI" in fast.reason
-    slow = choose_in_folder(folder, flags=cpu_flags(epyc_avx2))
+    slow = choose_in_folder(folder, cpu=epyc_avx2)
     assert slow.path.name == "model.onnx" and "no int8 dot-product" in slow.reason
     (folder / "model.int8.onnx").unlink()
-    only = choose_in_folder(folder, flags=cpu_flags(zen4))
+    only = choose_in_folder(folder, cpu=zen4)
     assert only.path.name == "model.onnx" and only.reason is None  # nothing to choose between
     with pytest.raises(XrayError, match=r"no model.int8.onnx \(--precision int8\)"):
         choose_in_folder(folder, "int8")
