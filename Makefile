@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: test install demo clean
+.PHONY: test test-tools install demo clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -17,10 +17,14 @@ $(STAMP): pyproject.toml Makefile | $(PY)
 	# wheels of the edge install, so the no-torch venv test runs offline
 	$(PY) -m pip download --quiet --only-binary=:all: -d $(VENV)/edge-wheels onnxruntime numpy pillow click \
 		fastapi uvicorn python-multipart prometheus-client httptools uvloop
-	# the page's real-browser test: Debian's chromium + its driver (a browser that downloads itself fails offline)
-	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
-		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
 	touch $(STAMP)
+
+# Debian tools only the tests use (make demo does not wait for them):
+# chromium + its driver for the page's real-browser test (a browser that downloads itself fails offline);
+# qemu-user for the int8 tests on an emulated CPU (qemu-x86_64 -cpu Haswell runs onnxruntime's AVX2 kernels)
+test-tools:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null && command -v qemu-x86_64 >/dev/null || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver qemu-user >/dev/null; }
 
 install: $(STAMP)
 
@@ -28,7 +32,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) scripts/demo.py $(if $(FRESH),--fresh,) $(DEMO_ARGS)
 
-test: $(STAMP)
+test: $(STAMP) test-tools
 	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
 
 clean:

@@ -46,7 +46,8 @@ from xray.common.errors import XrayError, exit_on_user_error
 from xray.common.imageio import load_image
 from xray.common.preprocess import preprocess
 from xray.export.onnx_export import export_onnx
-from xray.export.quantize import cpu_has_vnni, default_settings, quantize
+from xray.common.cpu import cpu_has_vnni
+from xray.export.quantize import default_settings, quantize
 from xray.export.verify import latency_ms, session, stratified
 from xray.train.data import scan_split
 from xray.train.models import REGISTRY, build_model, get_model_def
@@ -352,7 +353,8 @@ def main(models, image_size, threads, batch_sizes, runs, warmup, rounds, settle,
         f"int8: xray.export.quantize.default_settings: static {q['quant_format']}, {q['method']} calibration on "
         f"{q['calibration_images']} synthetic images (make_synthetic.py, 256 px, shared preprocessing), "
         f"activations {q['activation_type']}, weights {q['weight_type']}, per-channel {q['per_channel']}, "
-        f"reduce_range {q['reduce_range']} (CPU has VNNI/AMX: {cpu_has_vnni()}).",
+        f"reduce_range {q['reduce_range']} (7-bit matrix weights, right on every CPU; this CPU has VNNI/AMX: "
+        f"{cpu_has_vnni()}).",
         f"timing: median wall time of one run. Per batch size each backend gets {warmup} untimed warm-up runs, "
         f"then the backends take turns in {rounds} blocks of consecutive runs (order rotating), each block after "
         f"{settle:g} s of sleep and one untimed run, so ONNX Runtime's and OpenMP's still-spinning worker threads "

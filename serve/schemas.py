@@ -50,6 +50,8 @@ class Metadata(BaseModel):
     heatmaps: bool
     chosen_because: str | None
     onnxruntime: str
+    cpu_class: str | None  # this CPU's class for int8 (avx2, avx512_vnni, arm64_dotprod, ...); None: none of them
+    int8_cpu_classes: dict | None  # an int8 model's {"covered": [...], "verified": [...]}
     limits: dict
     ood_action: str
     notice: str

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 import numpy as np
 import onnxruntime as ort
 
+from xray.common.cpu import detect_cpu
 from xray.infer.formats import record
 from xray.infer.model import EdgeModel
 from xray.infer.predict import Result, prepare_or_error
@@ -128,7 +129,8 @@ class Service:
                 "image_spec": json.loads(i.spec.to_json()), "checkpoint_sha256": i.checkpoint_sha256,
                 "export_date": i.export_date, "verification": i.verification,
                 "ood_guard": i.ood if m.has_guard else None, "heatmaps": m.has_cam,
-                "chosen_because": s.model_reason, "onnxruntime": ort.__version__,
+                "chosen_because": s.model_reason, "onnxruntime": ort.__version__, "cpu_class": detect_cpu().cls,
+                "int8_cpu_classes": i.int8_cpu_classes or None,
                 "limits": {"max_upload_mb": s.max_upload_mb, "max_files": s.max_files, "max_pixels": s.max_pixels,
                            "max_batch": s.max_batch, "max_delay_ms": s.max_delay_ms, "max_queue": s.max_queue},
                 "ood_action": s.ood_action, "notice": NOTICE}

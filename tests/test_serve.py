@@ -125,6 +125,9 @@ def test_health_metadata_and_openapi(server, tiny_onnx):
     assert meta["precision"] == "fp32" and meta["image_spec"]["input_size"] == info.spec.input_size
     assert meta["file"] == tiny_onnx[0].name and meta["ood_guard"] is None and meta["heatmaps"] is False
     assert meta["limits"]["max_files"] == 4 and "not a medical device" in meta["notice"].lower()
+    from xray.common.cpu import detect_cpu
+
+    assert meta["cpu_class"] == detect_cpu().cls and meta["int8_cpu_classes"] is None  # an fp32 model
     spec = requests.get(server.url + "/openapi.json").json()
     assert {"/health/live", "/health/ready", "/v1/metadata", "/v1/predict", "/metrics"} <= set(spec["paths"])
     assert "multipart/form-data" in spec["paths"]["/v1/predict"]["post"]["requestBody"]["content"]
