@@ -30,9 +30,12 @@ class LoadedModel:
 def load_model(path: str | Path, threads: int = 0) -> LoadedModel:
     p = Path(path)
     if p.suffix == ".onnx":
+        from xray.common.cpu import detect_cpu
         from xray.infer.model import EdgeModel
 
         edge = EdgeModel(p, threads)
+        if problem := edge.int8_problem(detect_cpu()):  # its figures here would not be the model's
+            raise XrayError(f"{p}: {problem}; evaluate it on a CPU it covers, or evaluate model.onnx")
         run = lambda x: edge.session.run(None, {edge.input_name: x})[0]  # noqa: E731
         return LoadedModel("onnx", p, edge.info.model_name, edge.info.classes, edge.info.spec, run)
     if p.is_dir() and not (p / "best.safetensors").is_file():

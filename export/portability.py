@@ -17,6 +17,7 @@ A class where the fused run agreed with the reference is "verified".
 """
 from __future__ import annotations
 
+import subprocess
 from dataclasses import dataclass
 
 import numpy as np
@@ -157,7 +158,11 @@ def verify_portability(int8_path, outputs: dict, threshold: float, static: dict,
         rows = np.unique(np.linspace(0, len(eval_paths) - 1, min(emulated_images, len(eval_paths))).astype(int))
         x = np.concatenate(list(file_batches([eval_paths[i] for i in rows], spec)))
         log(f"verify: int8 on {len(rows)} images under {QEMU} -cpu {qemu_cpu} ({cls} kernels)")
-        fused, seen = run_emulated(int8_path, x, qemu_cpu)
+        try:
+            fused, seen = run_emulated(int8_path, x, qemu_cpu)
+        except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:  # the emulator's failure, not the model's
+            result["emulated"][cls] = {"run": False, "why": f"{QEMU} failed: {str(e)[:200]}"}
+            continue
         a = kernel_agreement(fused, *([o[rows] for o in outputs[k]] for k in names[1:]), threshold)
         result["emulated"][cls] = {"run": True, "qemu_cpu": qemu_cpu, "cpu_class_seen": seen, **a}
         if seen != cls:

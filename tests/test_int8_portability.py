@@ -270,3 +270,39 @@ def test_cli_choice_refusal_and_force_under_emulated_haswell(int8_pair, qemu):
 def test_serve_refuses_an_uncovered_int8_file_under_emulated_haswell(int8_pair, qemu):
     proc = emulated("Haswell", SERVE + ["-m", int8_pair[0]["full_range"] / "model.int8.onnx", "--port", "0"])
     assert proc.returncode == 2 and "--force-int8" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_gate_part_rejects_a_model_that_does_not_fit_what_it_claims(int8_pair, synthetic_raw, tiny_onnx, qemu):
+    """verify_portability, as the export gate calls it: a portable claim with 8-bit matrix weights fails on the
+    static check; the portable model passes, verified here and (on a non-AVX2 host) under emulated AVX2."""
+    from xray.export.portability import verify_portability
+
+    folders, _, fp32_path, _ = int8_pair
+    spec = tiny_onnx[2]
+    paths = [str(p) for p in sorted(synthetic_raw.rglob("*.png"))[2::9][:8]]
+    x = np.stack([preprocess(load_image(p), spec) for p in paths]).astype(np.float32)
+    host = detect_cpu()
+    fp32 = ort.InferenceSession(str(fp32_path), providers=["CPUExecutionProvider"]).run(None, {"input": x})
+    results = {}
+    for name in ("portable", "full_range"):
+        path = folders[name] / "model.int8.onnx"
+        outputs = {"onnx_fp32": fp32, "onnx_int8_unfused": reference_session(path, 2).run(None, {"input": x}),
+                   "onnx_int8": ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x})}
+        results[name] = verify_portability(path, outputs, 0.0, weight_check(onnx.load(str(path))), host, paths, spec,
+                                           emulated_images=4, portable=True)
+    good, bad = results["portable"], results["full_range"]
+    assert good["ok"] and not good["problems"] and host.cls in good["verified"] and "avx2" in good["verified"]
+    if host.cls != "avx2":
+        assert good["emulated"]["avx2"]["run"] and good["emulated"]["avx2"]["images"] == 4
+    assert not bad["ok"] and "do not fit every CPU class" in bad["problems"][0]
+    assert bad["emulated"]["avx2"] == {"run": False, "why": "not covered"}
+
+
+def test_eval_refuses_an_int8_model_this_cpu_is_not_covered_for(int8_pair, monkeypatch):
+    import xray.common.cpu as cpu
+    from xray.evaluate.backends import load_model
+
+    monkeypatch.setattr(cpu, "_DETECTED", Cpu("avx2", "test"))
+    with pytest.raises(XrayError, match="not covered on this CPU.*evaluate it on a CPU it covers"):
+        load_model(int8_pair[0]["full_range"] / "model.int8.onnx")
+    assert load_model(int8_pair[0]["portable"] / "model.int8.onnx").kind == "onnx"
