@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+ARM64  := $(VENV)/arm64
 PYTEST_ARGS ?=
 
 .PHONY: test test-tools install demo clean
@@ -21,10 +22,16 @@ $(STAMP): pyproject.toml Makefile | $(PY)
 
 # Debian tools only the tests use (make demo does not wait for them):
 # chromium + its driver for the page's real-browser test (a browser that downloads itself fails offline);
-# qemu-user for the int8 tests on an emulated CPU (qemu-x86_64 -cpu Haswell runs onnxruntime's AVX2 kernels)
+# qemu-user for the int8 tests on emulated CPUs (qemu-x86_64 -cpu Haswell runs onnxruntime's AVX2 kernels,
+# qemu-aarch64 its Arm kernels), debootstrap for the arm64 root those run in
 test-tools:
-	@command -v chromium >/dev/null && command -v chromedriver >/dev/null && command -v qemu-x86_64 >/dev/null || \
-		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver qemu-user >/dev/null; }
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null && command -v qemu-x86_64 >/dev/null \
+		&& command -v debootstrap >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq chromium chromium-driver qemu-user debootstrap >/dev/null; }
+
+# an arm64 Debian root with this venv's numpy + onnxruntime as aarch64 wheels (about a minute)
+$(ARM64): $(STAMP) | test-tools
+	PYTHON=$(PY) scripts/arm64_root.sh $(ARM64)
 
 install: $(STAMP)
 
@@ -32,7 +39,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) scripts/demo.py $(if $(FRESH),--fresh,) $(DEMO_ARGS)
 
-test: $(STAMP) test-tools
+test: $(STAMP) test-tools $(ARM64)
 	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
 
 clean:

@@ -52,13 +52,16 @@ from xray.common.errors import EXIT_FAILURE, XrayError, exit_on_user_error
               help="8-bit weights everywhere: right only on CPUs with VNNI, AMX or Arm (saturates AVX2 / AVX-512 "
                    "without VNNI, where the edge tools then refuse it). Default: 7-bit matrix weights, right on every CPU.")
 @click.option("--emulated-images", default=16, show_default=True, type=click.IntRange(0),
-              help="Eval images the int8 model also runs on under qemu-x86_64 -cpu Haswell (AVX2 kernels) when this "
-                   "CPU is not AVX2-only (0: skip).")
+              help="Eval images the int8 model also runs on emulated CPUs of other classes (qemu-user): AVX2 "
+                   "(qemu-x86_64 -cpu Haswell), and Arm with --arm64-root (0: skip).")
+@click.option("--arm64-root", type=click.Path(exists=True, file_okay=False, path_type=Path), envvar="XRAY_ARM64_ROOT",
+              help="An arm64 root from scripts/arm64_root.sh ($XRAY_ARM64_ROOT): also verify on emulated Arm "
+                   "(cortex-a72 without dot product, neoverse-n1 with it).")
 @exit_on_user_error
 def main(run_dir, checkpoint, output_dir, data_dir, eval_split, calibration_images, calibration_method, calibration_dir,
          max_accuracy_drop, min_agreement, allow_drop, parity_tolerance, threads, latency_runs, bias_correction_images,
          gptq_images, ood_score, ood_accept, ood_fit_images, probe_images, min_ood_agreement, int8_full_range,
-         emulated_images):
+         emulated_images, arm64_root):
     """Export the best checkpoint of RUN_DIR to ONNX fp32 + int8 and verify both against PyTorch."""
     from .pipeline import ExportOptions, run_export  # heavy imports after --help
 
@@ -75,7 +78,7 @@ def main(run_dir, checkpoint, output_dir, data_dir, eval_split, calibration_imag
                          threads=threads, latency_runs=latency_runs, bias_correction_images=bias_correction_images,
                          gptq_images=gptq_images, ood_score=ood_score, ood_accept=ood_accept,
                          ood_fit_images=ood_fit_images, probe_images=probe_images, min_ood_agreement=min_ood_agreement,
-                         int8_full_range=int8_full_range, emulated_images=emulated_images,
+                         int8_full_range=int8_full_range, emulated_images=emulated_images, arm64_root=arm64_root,
                          export_date=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     ok = run_export(opts)
     sys.exit(0 if ok else EXIT_FAILURE)

@@ -52,6 +52,7 @@ class ExportOptions:
     min_ood_agreement: float = 0.98
     int8_full_range: bool = False
     emulated_images: int = 16
+    arm64_root: Path | None = None
 
 
 def say(msg: str):
@@ -110,7 +111,7 @@ def run_export(o: ExportOptions) -> bool:
     host = detect_cpu()
     static = weight_check(onnx.load(str(candidate)))
     portability = verify_portability(candidate, outputs, int8_guard["threshold"], static, host, paths, spec,
-                                     o.emulated_images, portable=not o.int8_full_range, log=say)
+                                     o.emulated_images, portable=not o.int8_full_range, arm64_root=o.arm64_root, log=say)
     say(f"int8 CPU classes: covered {', '.join(portability['covered'])}; verified {', '.join(portability['verified']) or 'none'}"
         + "".join(f"; {c} not run under emulation: {e['why']}" for c, e in portability["emulated"].items() if not e["run"]
                   and e["why"] != "not covered" and not e["why"].startswith("this CPU")))

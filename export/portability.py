@@ -28,7 +28,7 @@ from onnx import numpy_helper
 from xray.common.cpu import CPU_CLASSES, SATURATING_CLASSES, Cpu
 from xray.common.metrics import softmax
 
-from .emulate import EMULATED, QEMU, qemu_path, run_emulated
+from .emulate import EMULATED, emulator, run_emulated
 from .probe import attribute
 from .verify import file_batches
 
@@ -126,7 +126,7 @@ def kernel_agreement(fused: list[np.ndarray], reference: list[np.ndarray], fp32:
 
 
 def verify_portability(int8_path, outputs: dict, threshold: float, static: dict, host: Cpu, eval_paths, spec,
-                       emulated_images: int, portable: bool, log=lambda msg: None) -> dict:
+                       emulated_images: int, portable: bool, arm64_root=None, log=lambda msg: None) -> dict:
     """The gate's int8-on-other-CPUs part. outputs: backend -> [logits, ood_score, ...] over the eval images (first
     rows) and the probes, for onnx_int8, onnx_int8_unfused and onnx_fp32. A bounded, evenly spread subset of
     the eval images runs again under emulation for each covered class that is not this CPU's."""
@@ -147,30 +147,31 @@ def verify_portability(int8_path, outputs: dict, threshold: float, static: dict,
         else:
             problems.append(f"on this CPU ({host.cls}) the int8 kernels differ from the unfused reference "
                             f"{native['kernel_error_ratio']:.2f}x quantization's own error (limit {MAX_KERNEL_ERROR_RATIO:g})")
-    for cls, qemu_cpu in EMULATED.items():
+    for cls, (arch, qemu_cpu) in EMULATED.items():
+        how = emulator(cls, arm64_root)
         why = (f"this CPU is {cls}: verified natively" if cls == host.cls else
                "not covered" if cls not in covered else
-               "--emulated-images 0" if emulated_images <= 0 else
-               f"{QEMU} not installed (Debian package qemu-user)" if qemu_path() is None else None)
+               "--emulated-images 0" if emulated_images <= 0 else how if isinstance(how, str) else None)
         if why:
             result["emulated"][cls] = {"run": False, "why": why}
             continue
+        where = f"qemu-{arch} -cpu {qemu_cpu}"
         rows = np.unique(np.linspace(0, len(eval_paths) - 1, min(emulated_images, len(eval_paths))).astype(int))
         x = np.concatenate(list(file_batches([eval_paths[i] for i in rows], spec)))
-        log(f"verify: int8 on {len(rows)} images under {QEMU} -cpu {qemu_cpu} ({cls} kernels)")
+        log(f"verify: int8 on {len(rows)} images under {where} ({cls} kernels)")
         try:
-            fused, seen = run_emulated(int8_path, x, qemu_cpu)
+            fused, seen = run_emulated(int8_path, x, cls, arm64_root=arm64_root)
         except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:  # the emulator's failure, not the model's
-            result["emulated"][cls] = {"run": False, "why": f"{QEMU} failed: {str(e)[:200]}"}
+            result["emulated"][cls] = {"run": False, "why": f"{where} failed: {str(e)[:200]}"}
             continue
         a = kernel_agreement(fused, *([o[rows] for o in outputs[k]] for k in names[1:]), threshold)
-        result["emulated"][cls] = {"run": True, "qemu_cpu": qemu_cpu, "cpu_class_seen": seen, **a}
+        result["emulated"][cls] = {"run": True, "qemu": where, "cpu_class_seen": seen, **a}
         if seen != cls:
-            problems.append(f"under {QEMU} -cpu {qemu_cpu} the CPU was seen as {seen}, not {cls}")
+            problems.append(f"under {where} the CPU was seen as {seen}, not {cls}")
         elif a["agrees"]:
             verified.append(cls)
         else:
-            problems.append(f"under {QEMU} -cpu {qemu_cpu} ({cls}) the int8 kernels differ from the unfused reference "
+            problems.append(f"under {where} ({cls}) the int8 kernels differ from the unfused reference "
                             f"{a['kernel_error_ratio']:.2f}x quantization's own error (limit {MAX_KERNEL_ERROR_RATIO:g})")
     result.update(verified=verified, problems=problems, ok=not problems)
     return result

@@ -81,7 +81,7 @@ def cpu_classes_section(p: dict) -> list[str]:
              "| where | CPU class | images | classes = reference | OOD decisions = reference | kernel error ratio | |",
              "|---|---|---|---|---|---|---|"]
     rows = [("this CPU", p["host"] or "unclassified", p["native"])]
-    rows += [(f"qemu -cpu {e['qemu_cpu']}", e["cpu_class_seen"], e) for e in p["emulated"].values() if e["run"]]
+    rows += [(e["qemu"], e["cpu_class_seen"], e) for e in p["emulated"].values() if e["run"]]
     for where, cls, a in rows:
         ood = a.get("ood_decision_agreement")
         lines.append(f"| {where} | {cls} | {a['images']} | {a['class_agreement'] * 100:.1f}% | "

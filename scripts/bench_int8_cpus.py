@@ -39,7 +39,7 @@ from bench_export import calibration_batches, interleaved  # noqa: E402
 from xray.common.cpu import cpu_model, detect_cpu  # noqa: E402
 from xray.common.errors import XrayError, exit_on_user_error  # noqa: E402
 from xray.common.model_meta import ModelInfo  # noqa: E402
-from xray.export.emulate import qemu_path, run_emulated  # noqa: E402
+from xray.export.emulate import emulator, run_emulated  # noqa: E402
 from xray.export.portability import kernel_agreement, reference_session, weight_check  # noqa: E402
 from xray.export.quantize import QuantSettings, default_settings, quantize  # noqa: E402
 from xray.export.verify import file_batches, latency_ms, session, stratified  # noqa: E402
@@ -97,9 +97,9 @@ def main(run_dir, images, emulated_images, calibration_images, runs, threads, js
     info = ModelInfo.from_metadata(ort.InferenceSession(str(fp32_path)).get_modelmeta().custom_metadata_map)
     threshold = float(info.ood.get("threshold", np.inf))
     sub = np.unique(np.linspace(0, len(x) - 1, min(emulated_images, len(x))).astype(int))
-    qemu = qemu_path() if emulated_images else None
-    if emulated_images and qemu is None:
-        print("note: qemu-x86_64 not found (apt-get install qemu-user): no emulated AVX2 figures", file=sys.stderr)
+    qemu = emulated_images and not isinstance(emulator("avx2"), str)
+    if emulated_images and not qemu:
+        print(f"note: {emulator('avx2')}: no emulated AVX2 figures", file=sys.stderr)
 
     fp32 = run_all(session(fp32_path, threads), x)
     results = {"cpu": cpu_model(), "cpu_class": detect_cpu().describe(), "onnxruntime": ort.__version__,
@@ -120,7 +120,7 @@ def main(run_dir, images, emulated_images, calibration_images, runs, threads, js
                  "native_vs_reference": kernel_agreement(native, reference, fp32, threshold)}
             if qemu:
                 print(f"emulate: {name} on {len(sub)} images under qemu -cpu Haswell", file=sys.stderr, flush=True)
-                emulated, seen = run_emulated(path, x[sub], "Haswell", threads)
+                emulated, seen = run_emulated(path, x[sub], "avx2", threads)
                 r["emulated_avx2"] = row(emulated, labels[sub], torch_pred[sub], threshold) | {
                     "cpu_class_seen": seen,
                     "class_agreement_with_native": float((emulated[0].argmax(1) == native[0][sub].argmax(1)).mean()),

@@ -75,18 +75,24 @@ def test_default_int8_is_portable_and_verified_on_this_cpu_and_emulated_avx2(exp
 
 
 def test_int8_full_range_is_opt_in_and_covered_only_where_it_cannot_saturate(run, tmp_path):
+    """--int8-full-range: 8-bit weights, covered where no kernel saturates, and with --arm64-root (make test builds
+    one) verified on emulated Arm with and without dot product."""
     from xray.common.cpu import CPU_CLASSES, SATURATING_CLASSES
 
     out = tmp_path / "full"
     proc = xray_export(run, *QUICK, "--output-dir", out, "--eval-split", "val", "--min-agreement", 0.5,
-                       "--max-accuracy-drop", 50, "--int8-full-range", "--allow-drop")
+                       "--max-accuracy-drop", 50, "--int8-full-range", "--allow-drop", "--emulated-images", 6,
+                       "--arm64-root", ROOT / ".venv" / "arm64")
     info = ModelInfo.from_metadata(onnx_metadata(out / "model.int8.onnx"))
     assert info.quantization["reduce_range"] is False
     assert info.int8_cpu_classes["covered"] == [c for c in CPU_CLASSES if c not in SATURATING_CLASSES]
     assert "avx2" not in info.int8_cpu_classes["verified"]
+    assert {"arm64", "arm64_dotprod"} <= set(info.int8_cpu_classes["verified"])
     p = json.loads((out / "export_report.json").read_text())["int8_cpu_classes"]
     assert p["static"]["u8s8_matrix_max_abs_weight"] > 64 and p["emulated"]["avx2"] == {"run": False, "why": "not covered"}
+    assert p["emulated"]["arm64"]["qemu"] == "qemu-aarch64 -cpu cortex-a72" and p["emulated"]["arm64"]["images"] == 6
     assert "covered avx512_vnni, avx_vnni, amx, arm64, arm64_dotprod" in proc.stderr
+    assert "| qemu-aarch64 -cpu neoverse-n1 | arm64_dotprod | 6 |" in (out / "export_report.md").read_text()
 
 
 def test_dynamic_batch_and_fixed_size(exported):

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import INFER, run_command
+from conftest import INFER, ROOT, run_command
 from onnx import numpy_helper
 
 from xray.common.cpu import CPU_CLASSES, SATURATING_CLASSES, Cpu, classify, cpu_flags, detect_cpu, numpy_features
@@ -21,13 +21,15 @@ from xray.common.errors import XrayError
 from xray.common.imageio import load_image
 from xray.common.model_meta import ModelInfo
 from xray.common.preprocess import preprocess
-from xray.export.emulate import QEMU, run_emulated
+from xray.export.emulate import run_emulated
 from xray.export.onnx_export import set_metadata
 from xray.export.portability import MAX_KERNEL_ERROR_RATIO, kernel_agreement, reference_session, weight_check
 from xray.export.quantize import default_settings, quantize
 from xray.infer.model import open_model
 
 X86 = platform.machine().lower() in ("x86_64", "amd64")
+QEMU = "qemu-x86_64"
+ARM64_ROOT = ROOT / ".venv" / "arm64"  # make test builds it: scripts/arm64_root.sh
 NON_SATURATING = [c for c in CPU_CLASSES if c not in SATURATING_CLASSES]
 SERVE = [sys.executable, "-c", "from xray.serve.cli import main; main(prog_name='xray-serve')"]
 
@@ -46,6 +48,12 @@ def qemu():
     assert X86, "the emulated checks need an x86-64 host"
     assert shutil.which(QEMU), "make test installs qemu-user"
     return QEMU
+
+
+@pytest.fixture(scope="module")
+def arm64_root(qemu):
+    assert (ARM64_ROOT / "root" / "usr" / "bin" / "python3").exists(), "make test builds it (scripts/arm64_root.sh)"
+    return ARM64_ROOT
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +188,7 @@ def test_covered_model_matches_the_unfused_reference_natively_and_on_emulated_av
         path = folders[name] / "model.int8.onnx"
         reference = reference_session(path, 2).run(None, {"input": x})
         native = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x})
-        emulated_out, seen = run_emulated(path, x, "Haswell")
+        emulated_out, seen = run_emulated(path, x, "avx2")
         assert seen == "avx2"
         got[name] = (kernel_agreement(native, reference, fp32, None), kernel_agreement(emulated_out, reference, fp32, None),
                      native, emulated_out)
@@ -190,6 +198,22 @@ def test_covered_model_matches_the_unfused_reference_natively_and_on_emulated_av
     native, emul, _, _ = got["full_range"]
     assert not emul["agrees"] and emul["kernel_error_ratio"] > 3 * MAX_KERNEL_ERROR_RATIO, emul
     assert native["agrees"] == (detect_cpu().cls not in SATURATING_CLASSES), native
+
+
+def test_arm_kernels_agree_with_the_reference_with_and_without_dot_product(int8_pair, arm64_root):
+    """onnxruntime's aarch64 wheel under qemu-aarch64: NEON multiply-add kernels (cortex-a72, no dot product) and
+    udot kernels (neoverse-n1) give the unfused reference's answers for 7-bit and 8-bit weights alike (Arm's
+    kernels cannot saturate), and the CPU class is read right on both."""
+    folders, x, fp32_path, _ = int8_pair
+    x = x[:8]
+    fp32 = ort.InferenceSession(str(fp32_path), providers=["CPUExecutionProvider"]).run(None, {"input": x})
+    for name in ("portable", "full_range"):
+        path = folders[name] / "model.int8.onnx"
+        reference = reference_session(path, 2).run(None, {"input": x})
+        for cls in ("arm64", "arm64_dotprod"):
+            out, seen = run_emulated(path, x, cls, arm64_root=arm64_root)
+            a = kernel_agreement(out, reference, fp32, None)
+            assert seen == cls and a["agrees"], (name, cls, seen, a)
 
 
 # ------------------------------------------------------------------------------------------ the edge's choice
