@@ -91,7 +91,9 @@ def classify(features: dict[str, bool], flags: set[str], machine: str) -> Cpu:
     if machine in ("arm64", "aarch64"):
         if features:
             return Cpu("arm64_dotprod" if features.get("ASIMDDP") else "arm64", "CPUID (numpy)")
-        return Cpu("arm64_dotprod" if "asimddp" in flags else "arm64", "/proc/cpuinfo") if flags else Cpu(None, "unknown")
+        if not flags:
+            return Cpu(None, "unknown")
+        return Cpu("arm64_dotprod" if "asimddp" in flags else "arm64", "/proc/cpuinfo")
     if machine not in ("x86_64", "amd64"):
         return Cpu(None, f"{machine or 'unknown'} architecture")
     if not features:  # no table in this numpy: /proc/cpuinfo alone (not emulation-proof)

@@ -46,7 +46,8 @@ def emulator(cls: str, arm64_root: Path | None = None) -> tuple[list[str], dict]
         root = Path(arm64_root).resolve() / "root"
         if not (root / "usr/bin/python3").exists() or not (root / "site-packages/onnxruntime").is_dir():
             return f"{arm64_root}: not an arm64 root from scripts/arm64_root.sh"
-        return [qemu, "-cpu", cpu, "-L", str(root), str(root / "usr/bin/python3")], {"PYTHONPATH": str(root / "site-packages")}
+        return ([qemu, "-cpu", cpu, "-L", str(root), str(root / "usr/bin/python3")],
+                {"PYTHONPATH": str(root / "site-packages")})
     return f"a {HOST_ARCH} host cannot run {arch} Python here"
 
 

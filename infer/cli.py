@@ -55,8 +55,8 @@ are still in the output); 2 nothing could run (no inputs, bad model, bad option)
               help="Write one PNG per image to DIR: the image with the predicted class's activation map over it.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @exit_on_user_error
-def main(inputs, model_path, precision, force_int8, fmt, top_k, output, threads, batch_size, workers, evaluate, max_pixels, ood_action,
-         heatmap_dir, quiet):
+def main(inputs, model_path, precision, force_int8, fmt, top_k, output, threads, batch_size, workers, evaluate,
+         max_pixels, ood_action, heatmap_dir, quiet):
     """Classify chest X-ray images: files, folders (recursive), globs, or - to read paths from stdin.
 
     JPEG, PNG (8/16-bit, RGB(A), palette), TIFF, BMP, WebP, and DICOM (.dcm, needs the [dicom] extra).
