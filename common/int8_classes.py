@@ -32,12 +32,12 @@ class Int8Classes:
         """Why this int8 model is not trusted on `cpu` (None: it is covered there)."""
         if cpu.cls in self.covered:
             return None
-        if cpu.cls is None:
-            return (f"this CPU ({cpu.describe()}) is in none of the CPU classes int8 models are checked for "
-                    "(x86-64 without AVX2, or another architecture)")
         if self.legacy:
             return (f"this int8 model was exported before int8 portability was checked and is trusted only on "
                     f"VNNI/AMX/Arm dot-product CPUs, not on this one ({cpu.describe()}); re-export it with xray-export")
+        if cpu.cls is None:
+            return (f"this CPU ({cpu.describe()}) is in none of the CPU classes int8 models are checked for "
+                    "(x86-64 without AVX2, or another architecture)")
         return (f"this int8 model is not covered on this CPU ({cpu.describe()}; covered: {', '.join(self.covered)}): "
                 "onnxruntime's int8 kernels here can give other answers than the ones it was verified with")
 
