@@ -123,7 +123,8 @@ def main(data_dir, runs_dir, run_name, per_class, synthetic_size, image_size, ep
     banner(f"demo done in {minutes:.1f} min{' (SYNTHETIC data)' if synthetic else ''}; artifacts:")
     for label, path in artifacts:
         click.echo(f"  {label:<32} {shown(path)}{'' if path.exists() else '  (missing)'}")
-    click.echo(f"\n  next: .venv/bin/xray-infer --model {shown(model)} {shown(examples[0]) if examples else 'IMAGE'}")
+    click.echo(f"\n  next: .venv/bin/xray-infer --model {shown(export)} {shown(examples[0]) if examples else 'IMAGE'}"
+               "   # the export folder: the faster verified model on this CPU")
     click.echo(f"  serve it: .venv/bin/xray-serve --model {shown(export)}   "
                "# then open http://127.0.0.1:8000/ (the API is documented at /docs)")
 
