@@ -51,7 +51,7 @@ def numpy_features() -> dict[str, bool]:
 
     for module in NUMPY_TABLES:
         try:
-            table = getattr(importlib.import_module(module), "__cpu_features__")
+            table = importlib.import_module(module).__cpu_features__
         except (ImportError, AttributeError):
             continue
         return {str(k): bool(v) for k, v in dict(table).items()}

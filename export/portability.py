@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import numpy_helper
 
 from xray.common.cpu import CPU_CLASSES, SATURATING_CLASSES, Cpu
@@ -30,7 +29,7 @@ from xray.common.metrics import softmax
 
 from .emulate import EMULATED, emulator, run_emulated
 from .probe import attribute
-from .verify import file_batches
+from .verify import file_batches, session
 
 MATRIX_OPS = ("Conv", "Gemm", "MatMul")
 PAIR_SAFE_MAX = 64  # |w| <= 64: two u8 x s8 products sum to at most 255 * 128 = 32,640 < 32,767
@@ -88,13 +87,9 @@ def weight_check(model: onnx.ModelProto) -> dict:
             "layers_with_minus_128": len(minus_128), "covered": covered}
 
 
-def reference_session(path, threads: int) -> ort.InferenceSession:
+def reference_session(path, threads: int):
     """onnxruntime's unfused reference of a QDQ graph: DequantizeLinear + float ops, no int8 kernel."""
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return session(path, threads, fused=False)
 
 
 MAX_KERNEL_ERROR_RATIO = 1.0  # measured: 0.34-0.52 for exact kernels, 6.6-6.9 for saturating ones (Lite0, 64-160 px)

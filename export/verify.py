@@ -17,11 +17,13 @@ from xray.common.metrics import classification_metrics, softmax
 from xray.common.preprocess import preprocess
 
 
-def session(path, threads: int) -> ort.InferenceSession:
+def session(path, threads: int, fused: bool = True) -> ort.InferenceSession:
+    """fused=False: onnxruntime's unfused reference of a QDQ graph (DequantizeLinear + float ops, no int8 kernel)."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if fused
+                                     else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
