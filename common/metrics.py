@@ -67,6 +67,27 @@ def log_loss(y_true, probs, eps: float = 1e-12) -> float:
     return float(-np.mean(np.log(np.clip(p[np.arange(len(t)), t], eps, 1.0))))
 
 
+ECE_BINS = 15  # equal-width confidence bins of every ECE the project reports
+
+
+def expected_calibration_error(probs, labels, bins: int = ECE_BINS) -> tuple[float, list[dict]]:
+    """ECE of the top-1 confidence over equal-width bins, and the bins (for the reliability diagram)."""
+    p = np.asarray(probs)
+    conf, pred = p.max(axis=1), p.argmax(axis=1)
+    correct = pred == np.asarray(labels)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    table, ece = [], 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        inside = (conf > lo) & (conf <= hi) if lo > 0 else (conf >= lo) & (conf <= hi)
+        n = int(inside.sum())
+        acc = float(correct[inside].mean()) if n else None
+        mean_conf = float(conf[inside].mean()) if n else None
+        if n:
+            ece += n / len(conf) * abs(acc - mean_conf)
+        table.append({"low": float(lo), "high": float(hi), "count": n, "accuracy": acc, "confidence": mean_conf})
+    return float(ece), table
+
+
 def binary_roc_auc(is_positive, scores) -> float | None:
     """Area under the ROC curve via the rank-sum (Mann-Whitney U) statistic, ties counted half.
     None when only one class is present (AUC undefined)."""

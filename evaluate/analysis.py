@@ -4,26 +4,9 @@ from __future__ import annotations
 import numpy as np
 
 from xray.common.metrics import classification_metrics, log_loss, roc_auc_ovr
+from xray.common.metrics import expected_calibration_error  # noqa: F401  (moved to common: export and infer use it)
 
 HARD_COLUMNS = ("path", "true", "predicted", "probability", "true_probability", "margin", "reason")
-
-
-def expected_calibration_error(probs, labels, bins: int = 15) -> tuple[float, list[dict]]:
-    """ECE of the top-1 confidence over equal-width bins, and the bins (for the reliability diagram)."""
-    p = np.asarray(probs)
-    conf, pred = p.max(axis=1), p.argmax(axis=1)
-    correct = pred == np.asarray(labels)
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    table, ece = [], 0.0
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        inside = (conf > lo) & (conf <= hi) if lo > 0 else (conf >= lo) & (conf <= hi)
-        n = int(inside.sum())
-        acc = float(correct[inside].mean()) if n else None
-        mean_conf = float(conf[inside].mean()) if n else None
-        if n:
-            ece += n / len(conf) * abs(acc - mean_conf)
-        table.append({"low": float(lo), "high": float(hi), "count": n, "accuracy": acc, "confidence": mean_conf})
-    return float(ece), table
 
 
 def evaluate(probs, labels, classes) -> dict:

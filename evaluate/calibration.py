@@ -1,16 +1,2 @@
-"""Temperature scaling (Guo et al. 2017): one scalar T fitted on the val split by minimising NLL.
-
-It changes confidence, never the ranking, so accuracy and the confusion matrix are unchanged."""
-from __future__ import annotations
-
-import math
-
-from xray.common.metrics import log_loss, softmax
-
-
-def fit_temperature(logits, labels, low: float = 0.05, high: float = 20.0) -> float:
-    from scipy.optimize import minimize_scalar
-
-    res = minimize_scalar(lambda log_t: log_loss(labels, softmax(logits, math.exp(log_t))),
-                          bounds=(math.log(low), math.log(high)), method="bounded", options={"xatol": 1e-5})
-    return float(math.exp(res.x))
+"""Temperature scaling lives in xray.train.calibration (xray-export fits it too); kept here for xray-eval."""
+from xray.train.calibration import calibration_quality, fit_temperature  # noqa: F401

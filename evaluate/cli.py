@@ -139,24 +139,18 @@ def fit_and_store_temperature(loaded, val_dir: Path, logits, labels, batch_size:
     """Fit T on val, record it in the checkpoint sidecar, and measure NLL / ECE before and after."""
     import numpy as np
 
-    from xray.common.metrics import log_loss, softmax
+    from xray.train.calibration import calibration_quality as quality
+    from xray.train.calibration import fit_temperature
     from xray.train.checkpoint import set_temperature
     from xray.train.data import scan_split
 
-    from .analysis import expected_calibration_error
     from .backends import predict_logits
-    from .calibration import fit_temperature
 
     require_checkpoint(loaded, "--calibrate")
     _, val = scan_split(val_dir, loaded.classes)
     val_labels = np.array([label for _, label in val])
     val_logits = predict_logits(loaded, [path for path, _ in val], batch_size)
     t = fit_temperature(val_logits, val_labels)
-
-    def quality(z, y, temperature):
-        p = softmax(z, temperature)
-        return {"nll": log_loss(y, p), "ece": expected_calibration_error(p, y)[0]}
-
     result = {"val_split": str(val_dir), "temperature": t, "previous_temperature": loaded.temperature,
               "val": {"before": quality(val_logits, val_labels, 1.0), "after": quality(val_logits, val_labels, t)},
               "eval": {"before": quality(logits, labels, 1.0), "after": quality(logits, labels, t)}}

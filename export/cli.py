@@ -57,11 +57,14 @@ from xray.common.errors import EXIT_FAILURE, XrayError, exit_on_user_error
 @click.option("--arm64-root", type=click.Path(exists=True, file_okay=False, path_type=Path), envvar="XRAY_ARM64_ROOT",
               help="An arm64 root from scripts/arm64_root.sh ($XRAY_ARM64_ROOT): also verify on emulated Arm "
                    "(cortex-a72 without dot product, neoverse-n1 with it).")
+@click.option("--no-calibrate", "calibrate", flag_value=False, default=True,
+              help="Export T = 1 (uncalibrated probabilities). Default: the checkpoint's temperature, or one fitted "
+                   "on the val split by minimum NLL, in both graphs.")
 @exit_on_user_error
 def main(run_dir, checkpoint, output_dir, data_dir, eval_split, calibration_images, calibration_method, calibration_dir,
          max_accuracy_drop, min_agreement, allow_drop, parity_tolerance, threads, latency_runs, bias_correction_images,
          gptq_images, ood_score, ood_accept, ood_fit_images, probe_images, min_ood_agreement, int8_full_range,
-         emulated_images, arm64_root):
+         emulated_images, arm64_root, calibrate):
     """Export the best checkpoint of RUN_DIR to ONNX fp32 + int8 and verify both against PyTorch."""
     from .pipeline import ExportOptions, run_export  # heavy imports after --help
 
@@ -78,7 +81,7 @@ def main(run_dir, checkpoint, output_dir, data_dir, eval_split, calibration_imag
                          threads=threads, latency_runs=latency_runs, bias_correction_images=bias_correction_images,
                          gptq_images=gptq_images, ood_score=ood_score, ood_accept=ood_accept,
                          ood_fit_images=ood_fit_images, probe_images=probe_images, min_ood_agreement=min_ood_agreement,
-                         int8_full_range=int8_full_range, emulated_images=emulated_images, arm64_root=arm64_root,
+                         int8_full_range=int8_full_range, emulated_images=emulated_images, arm64_root=arm64_root, calibrate=calibrate,
                          export_date=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     ok = run_export(opts)
     sys.exit(0 if ok else EXIT_FAILURE)

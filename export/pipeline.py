@@ -6,6 +6,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnxruntime
 
@@ -18,6 +19,7 @@ from xray.common.probes import probe_sets
 from xray.train.checkpoint import load_checkpoint
 from xray.train.data import scan_split
 
+from .calibrate import before_after, choose_temperature
 from .edge_graph import OUTPUT_NAMES, EdgeGraph
 from .onnx_export import export_onnx, set_metadata
 from .portability import reference_session, verify_portability, weight_check
@@ -52,6 +54,7 @@ class ExportOptions:
     min_ood_agreement: float = 0.98
     int8_full_range: bool = False
     emulated_images: int = 16
+    calibrate: bool = True
     arm64_root: Path | None = None
 
 
@@ -72,7 +75,6 @@ def run_export(o: ExportOptions) -> bool:
     if meta.get("weights_sha256") and meta["weights_sha256"] != sha:
         raise XrayError(f"{o.checkpoint}: weights do not match their sidecar (sha256 differs); re-save the checkpoint")
     classes, spec = meta["classes"], meta["image_spec"]
-    temperature = meta.get("temperature")  # fitted by xray-eval --calibrate: exported (and verified) in the graph
     data_dir = Path(o.data_dir or meta.get("config", {}).get("data_dir", "data"))
     eval_dir = resolve_split(data_dir, o.eval_split)
     _, eval_samples = scan_split(eval_dir, classes)
@@ -90,6 +92,10 @@ def run_export(o: ExportOptions) -> bool:
         f"images vs {sum(map(len, probes.values()))} probes in {len(probes)} families")
     guard = fit_guard(model, spec, [p for p, _ in fit], [p for p, _ in val_samples], probes, o.ood_score, o.ood_accept)
     say(f"guard: {guard.scorer.method} (threshold {guard.threshold:.4g}, {guard.val_acceptance * 100:.1f}% of val accepted)")
+    temperature, calibration = choose_temperature(model, meta, spec, val_samples, o.calibrate)
+    say(f"calibration: T = {calibration['temperature']:.4f}, {calibration['source']}; val ECE "
+        f"{calibration['val']['before']['ece']:.3f} -> {calibration['val']['after']['ece']:.3f}, NLL "
+        f"{calibration['val']['before']['nll']:.3f} -> {calibration['val']['after']['nll']:.3f}")
     graph = EdgeGraph(model, guard.scorer.module(), temperature).eval()
 
     say(f"export: {meta['model_name']} ({len(classes)} classes, {spec.input_size} px) -> {fp32}")
@@ -116,6 +122,8 @@ def run_export(o: ExportOptions) -> bool:
         + "".join(f"; {c} not run under emulation: {e['why']}" for c, e in portability["emulated"].items() if not e["run"]
                   and e["why"] != "not covered" and not e["why"].startswith("this CPU")))
     metrics = compare(logits, labels, classes)
+    t = calibration["temperature"]  # the graphs' logits are divided by it: times T gives them back un-tempered
+    calibration["eval"] = {k: before_after(logits[k] * t, np.array(labels), t) for k in ("pytorch", "onnx_int8")}
     flips = flipped_images(eval_samples, labels, logits["pytorch"], logits["onnx_int8"], classes)
 
     parity = metrics["onnx_fp32"]["max_abs_logit_diff"]
@@ -157,6 +165,9 @@ def run_export(o: ExportOptions) -> bool:
                     **{f"{k}_accuracy": v["accuracy"] for k, v in metrics.items()},
                     **{f"{k}_macro_f1": v["macro_f1"] for k, v in metrics.items()},
                     "int8_agreement": agreement, "int8_gate": status, "temperature": temperature or 1.0,
+                    "calibration": {"source": calibration["source"], "ece_bins": calibration["ece_bins"],
+                                    "val_ece": calibration["val"]["after"]["ece"],
+                                    **{f"{k}_ece": v["after"]["ece"] for k, v in calibration["eval"].items()}},
                     "onnxruntime": onnxruntime.__version__}
     info = ModelInfo(classes=classes, spec=spec, model_name=meta["model_name"], checkpoint_sha256=sha,
                      export_date=o.export_date, verification=verification, ood=guard.metadata())
@@ -167,7 +178,8 @@ def run_export(o: ExportOptions) -> bool:
 
     files = {"onnx_fp32": final_fp32, "onnx_int8": final_int8}
     report = {"model_name": meta["model_name"], "classes": classes, "checkpoint": str(o.checkpoint),
-              "checkpoint_sha256": sha, "export_date": o.export_date, "temperature": temperature or 1.0, "image_spec": spec.to_dict(),
+              "checkpoint_sha256": sha, "export_date": o.export_date, "temperature": temperature or 1.0, "calibration": calibration,
+              "image_spec": spec.to_dict(),
               "eval": {"split": str(eval_dir), "images": len(labels)}, "metrics": metrics, "gate": gate,
               "int8_flips": flips, "near_tie": NEAR_TIE,
               "latency": latency, "quantization": settings.to_dict() | diagnostics, "onnxruntime": onnxruntime.__version__,

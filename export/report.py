@@ -11,8 +11,8 @@ def markdown(r: dict) -> str:
     lines = [f"# Export report — {r['model_name']}", "",
              f"Checkpoint `{r['checkpoint']}` (sha256 `{r['checkpoint_sha256'][:16]}…`), exported {r['export_date']}.",
              f"Evaluated on {r['eval']['images']} images of `{r['eval']['split']}`."
-             + (f" Temperature scaling T = {r['temperature']:.4f} (xray-eval --calibrate) is part of both graphs."
-                if r.get("temperature", 1.0) != 1.0 else ""), "",
+             + (f" Temperature scaling T = {r['temperature']:.4f} ({r['calibration']['source']}) is part of both graphs."
+                if r.get("calibration") else ""), "",
              "## Verification", "",
              "| backend | accuracy | macro-F1 | " + " | ".join(f"recall {c}" for c in classes)
              + " | agreement with PyTorch | max abs logit diff |",
@@ -43,6 +43,8 @@ def markdown(r: dict) -> str:
                       f"{f['pytorch_top2_gap']:.3f} | {f['int8']} | {f['int8_probability']:.3f} |" for f in flips[:20]]
             if len(flips) > 20:
                 lines.append(f"\n({len(flips) - 20} more in export_report.json)")
+    if r.get("calibration"):
+        lines += calibration_section(r["calibration"], r["eval"])
     if r.get("int8_cpu_classes"):
         lines += cpu_classes_section(r["int8_cpu_classes"])
     if r.get("trust"):
@@ -62,6 +64,21 @@ def markdown(r: dict) -> str:
     if q:
         lines += ["", "## Quantization settings", ""] + [f"- {k}: `{v}`" for k, v in q.items()]
     return "\n".join(lines) + "\n"
+
+
+def calibration_section(c: dict, ev: dict) -> list[str]:
+    """NLL and ECE before (T = 1) and after temperature scaling, on val and on the eval split, PyTorch and int8."""
+    lines = ["", "## Calibration", "",
+             f"Softmax temperature T = {c['temperature']:.4f}: {c['source']}. Expected calibration error over "
+             f"{c['ece_bins']} equal-width confidence bins; the out-of-distribution score does not use T.", "",
+             "| split | model | images | NLL before | NLL after | ECE before | ECE after |", "|---|---|---|---|---|---|---|"]
+    rows = [("val", "PyTorch", c["val_images"], c["val"])]
+    rows += [(f"`{ev['split']}`", {"pytorch": "PyTorch", "onnx_int8": "ONNX int8"}[k], ev["images"], v)
+             for k, v in c.get("eval", {}).items()]
+    for split, model, n, q in rows:
+        lines.append(f"| {split} | {model} | {n} | {q['before']['nll']:.4f} | {q['after']['nll']:.4f} | "
+                     f"{q['before']['ece']:.4f} | {q['after']['ece']:.4f} |")
+    return lines
 
 
 def cpu_classes_section(p: dict) -> list[str]:

@@ -278,3 +278,44 @@ def test_gptq_brings_int8_logits_closer_to_fp32_and_keeps_the_integer_ranges(tmp
             None, {"input": held_out})[0]
         error[name] = float(np.abs(got - ref).mean())
     assert error["gptq"] < 0.8 * error["nearest"], error
+
+
+def test_calibrated_by_default_and_no_calibrate_leaves_t_1_with_the_guard_untouched(run, tmp_path):
+    """A deliberately over-confident model (the trained head's logits x 8): the default export fits T > 1 on val
+    and its test ECE falls, for PyTorch and int8; --no-calibrate exports T = 1; the guard's thresholds and
+    scores are the same in both graphs (the OOD score never sees T)."""
+    from xray.train.checkpoint import load_checkpoint, save_checkpoint
+
+    model, _ = load_checkpoint(run / "best.safetensors")
+    meta = json.loads((run / "best.json").read_text())
+    with torch.no_grad():
+        model.head[1].weight.mul_(8)
+        model.head[1].bias.mul_(8)
+    meta.pop("temperature", None)
+    save_checkpoint(tmp_path / "sharp.safetensors", model, meta)
+    outs = {}
+    for name, extra in (("calibrated", []), ("raw", ["--no-calibrate"])):
+        outs[name] = tmp_path / name
+        proc = xray_export("--checkpoint", tmp_path / "sharp.safetensors", *QUICK, "--output-dir", outs[name],
+                           "--eval-split", "test", "--min-agreement", 0.5, "--max-accuracy-drop", 50,
+                           "--emulated-images", 0, *extra)
+        assert "calibration: T = " in proc.stderr
+    cal = json.loads((outs["calibrated"] / "export_report.json").read_text())["calibration"]
+    raw = json.loads((outs["raw"] / "export_report.json").read_text())["calibration"]
+    assert cal["temperature"] > 1.5 and "fitted by xray-export" in cal["source"] and cal["ece_bins"] == 15
+    for backend in ("pytorch", "onnx_int8"):  # held out: the test split, T was fitted on val
+        q = cal["eval"][backend]
+        assert q["after"]["ece"] < q["before"]["ece"] and q["after"]["nll"] < q["before"]["nll"], (backend, q)
+    assert raw["temperature"] == 1.0 and raw["eval"]["pytorch"]["after"] == raw["eval"]["pytorch"]["before"]
+    assert "## Calibration" in (outs["calibrated"] / "export_report.md").read_text()
+
+    x = np.random.default_rng(0).standard_normal((4, 3, 64, 64)).astype(np.float32)
+    for file in ("model.onnx", "model.int8.onnx"):
+        metas = [ModelInfo.from_metadata(onnx_metadata(outs[n] / file)) for n in ("calibrated", "raw")]
+        assert metas[0].ood["threshold"] == metas[1].ood["threshold"]
+        assert metas[0].verification["temperature"] == cal["temperature"] and metas[1].verification["temperature"] == 1
+        got = [ort.InferenceSession(str(outs[n] / file), providers=["CPUExecutionProvider"]).run(None, {"input": x})
+               for n in ("calibrated", "raw")]
+        if file == "model.onnx":
+            np.testing.assert_allclose(got[0][1], got[1][1], rtol=1e-5)  # ood_score: the same
+            np.testing.assert_allclose(got[0][0] * cal["temperature"], got[1][0], rtol=1e-4, atol=1e-4)
