@@ -113,7 +113,8 @@ def main(inputs, model_path, precision, force_int8, fmt, top_k, output, threads,
                     results.append(result)
         metrics = text = None
         if evaluate:
-            metrics, text = eval_metrics(results, labels, classes)
+            temperature = float(model.info.verification.get("temperature") or 1.0)
+            metrics, text = eval_metrics(results, labels, classes, temperature)
             if fmt in ("jsonl", "csv"):
                 click.echo(text, err=True, nl=False)  # stdout stays machine-readable
         writer.finish(metrics, text)
@@ -197,19 +198,30 @@ def eval_labels(paths, classes) -> dict:
     return labels
 
 
-def eval_metrics(results, labels, classes):
+def eval_metrics(results, labels, classes, temperature: float = 1.0):
+    """Classification metrics, and NLL / ECE of the model's probabilities before (T = 1) and after the
+    temperature its export baked in: softmax(T * log p) gives the un-tempered probabilities back."""
     import numpy as np
 
-    from xray.common.metrics import classification_metrics, metrics_markdown
+    from xray.common.metrics import ECE_BINS, classification_metrics, expected_calibration_error, log_loss
+    from xray.common.metrics import metrics_markdown, softmax
 
-    scored = [(labels[r.path], int(np.argmax(r.probs))) for r in results
-              if r.probs is not None and r.path in labels]
-    if not scored:
+    rows = [r for r in results if r.probs is not None and r.path in labels]
+    if not rows:
         return None, "--eval: no image could be scored\n"
-    y_true, y_pred = zip(*scored)
-    metrics = classification_metrics(y_true, y_pred, classes)
-    text = metrics_markdown(metrics, title=f"Evaluation ({len(scored)} images)")
-    guarded = [r.ood for r in results if r.probs is not None and r.path in labels and r.ood is not None]
+    y_true = np.array([labels[r.path] for r in rows])
+    probs = np.stack([r.probs for r in rows])
+    metrics = classification_metrics(y_true, probs.argmax(1), classes)
+    text = metrics_markdown(metrics, title=f"Evaluation ({len(rows)} images)")
+    before = softmax(temperature * np.log(np.maximum(probs, 1e-30)))
+    metrics["calibration"] = {"temperature": temperature, "ece_bins": ECE_BINS, **{
+        name: {"nll": log_loss(y_true, p), "ece": expected_calibration_error(p, y_true, ECE_BINS)[0]}
+        for name, p in (("before", before), ("after", probs))}}
+    c = metrics["calibration"]
+    text += (f"\nCalibration (temperature T = {temperature:.4f}, ECE over {ECE_BINS} bins): NLL "
+             f"{c['before']['nll']:.4f} -> {c['after']['nll']:.4f}, ECE {c['before']['ece']:.4f} -> "
+             f"{c['after']['ece']:.4f}" + (" (not calibrated: T = 1)" if temperature == 1.0 else "") + ".\n")
+    guarded = [r.ood for r in rows if r.ood is not None]
     if guarded:  # every scored image is in distribution by construction: the guard should accept it
         metrics["ood_acceptance"] = 1.0 - sum(guarded) / len(guarded)
         text += (f"\nOut-of-distribution guard: {len(guarded) - sum(guarded)} of {len(guarded)} images accepted "

@@ -7,6 +7,7 @@ train/main.py`, `xray-export`, `xray-infer`), with its progress on the terminal.
 """
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -120,6 +121,8 @@ def main(data_dir, runs_dir, run_name, per_class, synthetic_size, image_size, ep
                  ("ONNX int8", model if "int8" in model.name else export / "model.int8.rejected.onnx"),
                  ("export report", export / "export_report.md"), ("edge predictions (test split)",
                                                                   run / "test_predictions.csv")]
+    if report.is_file():
+        click.echo(calibration_line(json.loads(report.read_text())), err=True)
     banner(f"demo done in {minutes:.1f} min{' (SYNTHETIC data)' if synthetic else ''}; artifacts:")
     for label, path in artifacts:
         click.echo(f"  {label:<32} {shown(path)}{'' if path.exists() else '  (missing)'}")
@@ -127,6 +130,19 @@ def main(data_dir, runs_dir, run_name, per_class, synthetic_size, image_size, ep
                "   # the export folder: the faster verified model on this CPU")
     click.echo(f"  serve it: .venv/bin/xray-serve --model {shown(export)}   "
                "# then open http://127.0.0.1:8000/ (the API is documented at /docs)")
+
+
+def calibration_line(report: dict) -> str:
+    """What the shipped probabilities are worth: the export's temperature and ECE before / after on the eval split."""
+    c = report.get("calibration")
+    if not c:
+        return "\n  calibration: none (exported before xray-export calibrated by default)"
+    ev = c.get("eval", {})
+    figures = "; ".join(f"{name} ECE {q['before']['ece']:.3f} -> {q['after']['ece']:.3f}, NLL {q['before']['nll']:.3f} -> "
+                        f"{q['after']['nll']:.3f}" for name, q in (("PyTorch", ev.get("pytorch")),
+                                                                   ("int8", ev.get("onnx_int8"))) if q)
+    return (f"\n  calibration: T = {c['temperature']:.3f} ({c['source']}); on {report['eval']['images']} test images, "
+            f"{c['ece_bins']} bins: {figures}")
 
 
 def shown(path: Path) -> str:

@@ -28,6 +28,8 @@ def test_demo_chains_the_real_commands(tmp_path):
                  run / "test_predictions.csv"):
         assert path.exists(), path
     assert "(missing)" not in first.stdout and "demo done" in first.stderr
+    t = json.loads((export / "export_report.json").read_text())["calibration"]["temperature"]
+    assert f"calibration: T = {t:.3f} (fitted by xray-export on the val split" in first.stderr  # calibrated by default
 
     int8 = export / "model.int8.onnx"
     if not int8.exists():  # a 1+1-epoch model may fail the int8 gate; the rejected file is what it measured

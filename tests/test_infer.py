@@ -509,6 +509,13 @@ def test_exported_int8_model_on_the_edge_matches_the_export_report(exported):
         m = doc["metrics"]
         assert m["num_samples"] == report["eval"]["images"]
         assert abs(m["accuracy"] - report["metrics"][key]["accuracy"]) <= 1 / m["num_samples"] + 1e-9, name
+        # calibrated by default: NLL / ECE before and after T, as the export measured them on the same images
+        c, t = m["calibration"], report["calibration"]["temperature"]
+        assert c["temperature"] == pytest.approx(t) and t != 1.0 and c["ece_bins"] == 15
+        want = report["calibration"]["eval"]["onnx_int8" if key == "onnx_int8" else "pytorch"]
+        for when in ("before", "after"):
+            assert c[when]["nll"] == pytest.approx(want[when]["nll"], abs=2e-3), (name, when)
+            assert c[when]["ece"] == pytest.approx(want[when]["ece"], abs=1.5 / m["num_samples"]), (name, when)
 
 
 def test_closed_pipe_is_not_a_traceback(tiny_onnx, mode_files, tmp_path):
