@@ -25,6 +25,16 @@ class LoadedModel:
     predict_logits: object  # float32 N x C x H x W -> N x classes logits
     temperature: float = 1.0  # a checkpoint's fitted temperature (an ONNX model has it in its graph)
     torch_model: object = None  # the Classifier, for Grad-CAM and embeddings (PyTorch checkpoints only)
+    baked_temperature: float = 1.0  # an ONNX model's: its logits are already divided by it (xray-export)
+
+    @property
+    def effective_temperature(self) -> float:
+        """The temperature behind this model's probabilities, wherever it is applied."""
+        return self.baked_temperature if self.kind == "onnx" else self.temperature
+
+    def raw_logits(self, logits):
+        """predict_logits' output without any temperature (an ONNX graph's logits times its baked T)."""
+        return logits * self.baked_temperature if self.kind == "onnx" else logits
 
 
 def load_model(path: str | Path, threads: int = 0) -> LoadedModel:
@@ -37,7 +47,8 @@ def load_model(path: str | Path, threads: int = 0) -> LoadedModel:
         if problem := edge.int8_problem(detect_cpu()):  # its figures here would not be the model's
             raise XrayError(f"{p}: {problem}; evaluate it on a CPU it covers, or evaluate model.onnx")
         run = lambda x: edge.session.run(None, {edge.input_name: x})[0]  # noqa: E731
-        return LoadedModel("onnx", p, edge.info.model_name, edge.info.classes, edge.info.spec, run)
+        return LoadedModel("onnx", p, edge.info.model_name, edge.info.classes, edge.info.spec, run,
+                           baked_temperature=float(edge.info.verification.get("temperature") or 1.0))
     if p.is_dir() and not (p / "best.safetensors").is_file():
         raise XrayError(f"{p}: no best.safetensors in this folder (give a run folder, a .safetensors or a .onnx)")
     if not p.exists():

@@ -51,7 +51,7 @@ def main(model, data, output_dir, batch_size, threads, low_margin, per_pair, cal
     from .model_card import read_manifest, write_model_card
     from .backends import load_model, predict_logits
     from .guard import evaluate_guard
-    from xray.common.metrics import softmax
+    from xray.common.metrics import ECE_BINS, softmax
     from .report import write_report
 
     loaded = load_model(model, threads)
@@ -80,7 +80,10 @@ def main(model, data, output_dir, batch_size, threads, low_margin, per_pair, cal
                                                 logits, labels, batch_size)
     probs = softmax(logits, loaded.temperature)
     m = evaluate(probs, labels, loaded.classes)
-    m["temperature"] = loaded.temperature
+    m["temperature"] = loaded.effective_temperature
+    m["temperature_source"] = (("baked into the ONNX graph by xray-export" if loaded.kind == "onnx"
+                                else "fitted by xray-eval --calibrate") if m["temperature"] != 1.0 else "uncalibrated")
+    m["calibration_effect"] = {"ece_bins": ECE_BINS, **before_after(loaded.raw_logits(logits), labels, m["temperature"])}
     if calibration:
         m["calibration"] = calibration
     manifest_rows, sources = read_manifest(data_dir)
@@ -133,6 +136,13 @@ def manifest_split(manifest: Path, split: str, classes) -> list[tuple[str, int]]
 def require_checkpoint(loaded, option: str):
     if loaded.kind != "pytorch":
         raise XrayError(f"{option} needs the PyTorch checkpoint (a run folder or .safetensors), not {loaded.path.name}")
+
+
+def before_after(raw_logits, labels, temperature: float) -> dict:
+    from xray.train.calibration import calibration_quality
+
+    return {"before": calibration_quality(raw_logits, labels, 1.0),
+            "after": calibration_quality(raw_logits, labels, temperature)}
 
 
 def fit_and_store_temperature(loaded, val_dir: Path, logits, labels, batch_size: int) -> dict:

@@ -32,6 +32,8 @@ def leakage_check(rows: list[dict]) -> str:
 
 def write_model_card(path: Path, loaded, data_dir: Path, m: dict, ci: dict, rows: list[dict], source_table: dict,
                      fails: dict) -> str:
+    from .report import calibration_effect  # report imports nothing from here at module level
+
     classes = m["classes"]
     lines = [f"# Model card — {loaded.name}", "",
              "## Intended use", "",
@@ -43,8 +45,8 @@ def write_model_card(path: Path, loaded, data_dir: Path, m: dict, ci: dict, rows
              f"- Architecture: `{loaded.name}`, input {loaded.spec.input_size} px, {loaded.spec.channels} channel(s), "
              f"resize `{loaded.spec.resize_mode}`/{loaded.spec.interpolation}.",
              f"- Evaluated artifact: `{loaded.path}` ({loaded.kind}).",
-             f"- Softmax temperature: {m.get('temperature', 1.0):.4f}"
-             + (" (fitted by `xray-eval --calibrate`)." if m.get("temperature", 1.0) != 1.0 else " (uncalibrated).")]
+             f"- Softmax temperature: {m.get('temperature', 1.0):.4f} ({m.get('temperature_source', 'uncalibrated')})."
+             + calibration_effect(m.get("calibration_effect"))]
     lines += ["", "## Training data", ""]
     if rows:
         sources = Counter(r.get("source") or "unknown" for r in rows)
@@ -118,3 +120,4 @@ def _export_report(loaded) -> dict | None:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
+

@@ -20,8 +20,9 @@ def write_report(out: Path, m: dict, model, data_dir: Path, failures: dict, hard
              "| Class | ROC-AUC (one vs rest) | Average precision |", "|---|---|---|"]
     lines += [f"| {c} | {_f(auc['per_class'][c])} | {_f(ap[c])} |" for c in m["classes"]]
     lines += ["", f"Macro ROC-AUC {_f(auc['macro'])}. Expected calibration error (15 bins, top-1 confidence): "
-                  f"{m['ece']:.4f}" + (f" (probabilities with temperature T = {m['temperature']:.4f})"
-                                       if m.get("temperature", 1.0) != 1.0 else "") + "."]
+                  f"{m['ece']:.4f}" + (f" (probabilities with temperature T = {m['temperature']:.4f}, "
+                                       f"{m.get('temperature_source', '')})" if m.get("temperature", 1.0) != 1.0 else "")
+                  + "." + calibration_effect(m.get("calibration_effect"))]
     c = m.get("calibration")
     if c:
         lines += ["", "## Calibration (temperature scaling)", "",
@@ -66,3 +67,12 @@ def guard_lines(g: dict) -> list[str]:
 
 def _f(v) -> str:
     return "n/a" if v is None else f"{v:.4f}"
+
+
+def calibration_effect(c: dict | None) -> str:
+    """What the temperature does to this split's probabilities (NLL / ECE before and after)."""
+    if not c:
+        return ""
+    b, a = c["before"], c["after"]
+    return (f" On the evaluated split: NLL {b['nll']:.4f} -> {a['nll']:.4f}, expected calibration error "
+            f"{b['ece']:.4f} -> {a['ece']:.4f} ({c['ece_bins']} equal-width bins).")

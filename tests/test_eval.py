@@ -183,6 +183,17 @@ def test_calibration_lowers_ece_and_reaches_the_edge(overconfident, run, tmp_pat
     uncalibrated /= uncalibrated.sum(axis=1, keepdims=True)
     assert np.abs(got - calibrated).mean() < 0.5 * np.abs(uncalibrated - calibrated).mean(), (got, calibrated)
 
+    # xray-eval on the exported graph: its baked T is named, with NLL / ECE before and after, in the card too
+    xray_eval(export / "model.onnx", data / "test", "--output-dir", tmp_path / "onnx", "--no-embeddings")
+    onnx_m = json.loads((tmp_path / "onnx" / "metrics.json").read_text())
+    assert onnx_m["temperature"] == pytest.approx(c["temperature"], rel=1e-6)
+    assert onnx_m["temperature_source"] == "baked into the ONNX graph by xray-export"
+    effect = onnx_m["calibration_effect"]
+    assert effect["after"]["ece"] == pytest.approx(onnx_m["ece"]) and effect["ece_bins"] == 15
+    assert effect["before"]["ece"] == pytest.approx(c["eval"]["before"]["ece"], abs=0.02)
+    card = (export / "MODEL_CARD.md").read_text()
+    assert "baked into the ONNX graph by xray-export" in card and "expected calibration error" in card
+
 
 def test_calibrate_needs_the_checkpoint(exported, run):
     proc = xray_eval(exported[0] / "model.onnx", run.parent / "data" / "test", "--calibrate", check=False)
