@@ -118,9 +118,12 @@ def run_export(o: ExportOptions) -> bool:
     static = weight_check(onnx.load(str(candidate)))
     portability = verify_portability(candidate, outputs, int8_guard["threshold"], static, host, paths, spec,
                                      o.emulated_images, portable=not o.int8_full_range, arm64_root=o.arm64_root, log=say)
+    skipped = {}  # why -> classes not run under emulation (other than "not covered" / "this CPU")
+    for c, e in portability["emulated"].items():
+        if not e["run"] and e["why"] != "not covered" and not e["why"].startswith("this CPU"):
+            skipped.setdefault(e["why"], []).append(c)
     say(f"int8 CPU classes: covered {', '.join(portability['covered'])}; verified {', '.join(portability['verified']) or 'none'}"
-        + "".join(f"; {c} not run under emulation: {e['why']}" for c, e in portability["emulated"].items() if not e["run"]
-                  and e["why"] != "not covered" and not e["why"].startswith("this CPU")))
+        + "".join(f"; {', '.join(cs)} not run under emulation: {why}" for why, cs in skipped.items()))
     metrics = compare(logits, labels, classes)
     t = calibration["temperature"]  # the graphs' logits are divided by it: times T gives them back un-tempered
     calibration["eval"] = {k: before_after(logits[k] * t, np.array(labels), t) for k in ("pytorch", "onnx_int8")}
