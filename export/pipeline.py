@@ -127,7 +127,9 @@ def run_export(o: ExportOptions) -> bool:
     metrics = compare(logits, labels, classes)
     t = calibration["temperature"]  # the graphs' logits are divided by it: times T gives them back un-tempered
     calibration["eval"] = {k: before_after(logits[k] * t, np.array(labels), t) for k in ("pytorch", "onnx_int8")}
-    flips = flipped_images(eval_samples, labels, logits["pytorch"], logits["onnx_int8"], classes)
+    rel = lambda p: os.path.relpath(p, out)  # noqa: E731  reports and metadata travel: no absolute paths
+    flips = [f | {"path": rel(f["path"])}
+             for f in flipped_images(eval_samples, labels, logits["pytorch"], logits["onnx_int8"], classes)]
 
     parity = metrics["onnx_fp32"]["max_abs_logit_diff"]
     fp32_trust = trust["backends"]["onnx_fp32"]
@@ -164,7 +166,7 @@ def run_export(o: ExportOptions) -> bool:
     final_int8 = int8 if parity_ok and (int8_ok or o.allow_drop) else rejected[int8]
     os.replace(fp32, final_fp32)
     os.replace(candidate, final_int8)
-    verification = {"eval_split": str(eval_dir), "images": len(labels), "parity_max_abs_logit_diff": parity,
+    verification = {"eval_split": rel(eval_dir), "images": len(labels), "parity_max_abs_logit_diff": parity,
                     **{f"{k}_accuracy": v["accuracy"] for k, v in metrics.items()},
                     **{f"{k}_macro_f1": v["macro_f1"] for k, v in metrics.items()},
                     "int8_agreement": agreement, "int8_gate": status, "temperature": temperature or 1.0,
@@ -180,10 +182,10 @@ def run_export(o: ExportOptions) -> bool:
     set_metadata(final_int8, info.to_metadata())
 
     files = {"onnx_fp32": final_fp32, "onnx_int8": final_int8}
-    report = {"model_name": meta["model_name"], "classes": classes, "checkpoint": str(o.checkpoint),
+    report = {"model_name": meta["model_name"], "classes": classes, "checkpoint": rel(o.checkpoint),
               "checkpoint_sha256": sha, "export_date": o.export_date, "temperature": temperature or 1.0, "calibration": calibration,
               "image_spec": spec.to_dict(),
-              "eval": {"split": str(eval_dir), "images": len(labels)}, "metrics": metrics, "gate": gate,
+              "eval": {"split": rel(eval_dir), "images": len(labels)}, "metrics": metrics, "gate": gate,
               "int8_flips": flips, "near_tie": NEAR_TIE,
               "latency": latency, "quantization": settings.to_dict() | diagnostics, "onnxruntime": onnxruntime.__version__,
               "int8_cpu_classes": portability,

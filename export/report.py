@@ -10,7 +10,7 @@ def markdown(r: dict) -> str:
     classes = r["classes"]
     lines = [f"# Export report — {r['model_name']}", "",
              f"Checkpoint `{r['checkpoint']}` (sha256 `{r['checkpoint_sha256'][:16]}…`), exported {r['export_date']}.",
-             f"Evaluated on {r['eval']['images']} images of `{r['eval']['split']}`."
+             f"Evaluated on {r['eval']['images']} images of `{r['eval']['split']}` (paths are relative to this report)."
              + (f" Temperature scaling T = {r['temperature']:.4f} ({r['calibration']['source']}) is part of both graphs."
                 if r.get("calibration") else ""), "",
              "## Verification", "",

@@ -74,6 +74,22 @@ def test_default_int8_is_portable_and_verified_on_this_cpu_and_emulated_avx2(exp
     assert f"verified {', '.join(info.int8_cpu_classes['verified'])}" in proc.stderr
 
 
+def test_export_report_and_metadata_name_no_absolute_path(exported):
+    """The report and the models travel (to a colleague, a regulator, an edge box): every path in them is relative
+    to the export folder, and resolves from there."""
+    import os
+
+    out, _ = exported
+    texts = [(out / n).read_text() for n in ("export_report.md", "export_report.json")]
+    texts += [json.dumps(onnx_metadata(out / n)) for n in ("model.onnx", "model.int8.onnx")]
+    machine = {str(p) for p in (Path.home(), Path("/tmp"), Path.cwd(), out.resolve(), Path(os.sep) / "root")}
+    for text in texts:
+        assert not [m for m in machine if m in text], [m for m in machine if m in text]
+    report = json.loads(texts[1])
+    assert (out / report["checkpoint"]).resolve() == (out.parent / "best.safetensors").resolve()
+    assert (out / report["eval"]["split"]).is_dir()
+
+
 def test_int8_full_range_is_opt_in_and_covered_only_where_it_cannot_saturate(run, tmp_path):
     """--int8-full-range: 8-bit weights, covered where no kernel saturates, and with --arm64-root (make test builds
     one) verified on emulated Arm with and without dot product."""

@@ -502,7 +502,7 @@ def test_exported_int8_model_on_the_edge_matches_the_export_report(exported):
     """train -> xray-export -> xray-infer --eval: the edge figures are the export's verification figures."""
     out, _ = exported
     report = json.loads((out / "export_report.json").read_text())
-    split = report["eval"]["split"]
+    split = out / report["eval"]["split"]  # relative to the report
     for name, key in (("model.int8.onnx", "onnx_int8"), ("model.onnx", "onnx_fp32")):
         doc = json.loads(xray_infer("-m", out / name, split, "--eval", "-f", "json").stdout)
         assert doc["model"]["precision"] == ("int8" if "int8" in name else "fp32")
