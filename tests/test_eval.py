@@ -55,7 +55,14 @@ def test_pytorch_and_onnx_give_the_same_numbers(evaluated):
     pt, p_pt, y_pt, f_pt = load(evaluated[0] / "pt")
     ox, p_ox, y_ox, f_ox = load(evaluated[0] / "onnx")
     assert f_pt == f_ox and (y_pt == y_ox).all()
-    assert np.abs(p_pt - p_ox).max() <= 1e-4
+    # the export calibrated the graph (T fitted on val); the checkpoint stays raw: undo T, softmax(T log p)
+    t = ox["temperature"]
+    assert t != 1.0 and ox["temperature_source"] == "baked into the ONNX graph by xray-export"
+    assert pt["temperature"] == 1.0 and pt["temperature_source"] == "uncalibrated"
+    raw = np.exp(t * np.log(p_ox))
+    raw /= raw.sum(axis=1, keepdims=True)
+    assert np.abs(p_pt - raw).max() <= 1e-4
+    assert ox["calibration_effect"]["before"]["ece"] == pytest.approx(pt["ece"], abs=1e-4)
     assert pt["accuracy"] == ox["accuracy"] and pt["confusion_matrix"] == ox["confusion_matrix"]
     assert pt["model"]["kind"] == "pytorch" and ox["model"]["kind"] == "onnx"
 
