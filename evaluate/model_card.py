@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from pathlib import Path
 
-from xray.common.artifacts import read_csv, write_text_atomic
+from xray.common.artifacts import read_csv, sha256_file, write_text_atomic
 
 MANIFEST = "manifest.csv"
 
@@ -34,6 +35,7 @@ def write_model_card(path: Path, loaded, data_dir: Path, m: dict, ci: dict, rows
                      fails: dict) -> str:
     from .report import calibration_effect  # report imports nothing from here at module level
 
+    rel = lambda p: os.path.relpath(p, path.parent)  # noqa: E731  the card travels: paths from its own folder
     classes = m["classes"]
     lines = [f"# Model card — {loaded.name}", "",
              "## Intended use", "",
@@ -44,7 +46,7 @@ def write_model_card(path: Path, loaded, data_dir: Path, m: dict, ci: dict, rows
              "## Model", "",
              f"- Architecture: `{loaded.name}`, input {loaded.spec.input_size} px, {loaded.spec.channels} channel(s), "
              f"resize `{loaded.spec.resize_mode}`/{loaded.spec.interpolation}.",
-             f"- Evaluated artifact: `{loaded.path}` ({loaded.kind}).",
+             f"- Evaluated artifact: `{rel(loaded.path)}` ({loaded.kind}, sha256 `{sha256_file(loaded.path)[:16]}…`).",
              f"- Softmax temperature: {m.get('temperature', 1.0):.4f} ({m.get('temperature_source', 'uncalibrated')})."
              + calibration_effect(m.get("calibration_effect"))]
     lines += ["", "## Training data", ""]
@@ -61,8 +63,8 @@ def write_model_card(path: Path, loaded, data_dir: Path, m: dict, ci: dict, rows
             lines += ["", "**Every image is synthetic** (scripts/make_synthetic.py): these figures describe the "
                           "pipeline on generated data, not performance on radiographs."]
     else:
-        lines.append(f"No `{MANIFEST}` beside `{data_dir}`: provenance unknown.")
-    lines += ["", f"## Performance on `{data_dir}` ({m['num_samples']} images, 95 % bootstrap intervals)", "",
+        lines.append(f"No `{MANIFEST}` beside `{rel(data_dir)}`: provenance unknown.")
+    lines += ["", f"## Performance on `{rel(data_dir)}` ({m['num_samples']} images, 95 % bootstrap intervals)", "",
               "| metric | value | 95 % CI |", "|---|---|---|",
               f"| accuracy | {m['accuracy']:.4f} | {ci['accuracy'][0]:.4f}–{ci['accuracy'][1]:.4f} |",
               f"| macro-F1 | {m['macro_f1']:.4f} | {ci['macro_f1'][0]:.4f}–{ci['macro_f1'][1]:.4f} |"]
@@ -86,7 +88,8 @@ def write_model_card(path: Path, loaded, data_dir: Path, m: dict, ci: dict, rows
     if m.get("ood_guard"):
         from .report import guard_lines
 
-        lines += guard_lines(m["ood_guard"])[:3] + [
+        guard = guard_lines({**m["ood_guard"], "model": rel(m["ood_guard"]["model"])})
+        lines += guard[:3] + [
             "The exported model scores how far every image's features lie from the training images'; "
             "above the threshold it says *not like the training data* (`xray-infer`: `ood=true`; "
             "`--ood-action abstain` withholds the diagnosis).", "",
@@ -98,7 +101,7 @@ def write_model_card(path: Path, loaded, data_dir: Path, m: dict, ci: dict, rows
             "or paediatric view close to the training films. Such an image may pass the guard and still be misread.",
             f"- By design it also flags about {100 - (m['ood_guard'].get('accept') or 0.95) * 100:g} % of genuine "
             "in-distribution images (the threshold's price); a flag means *look at the image*, not *the image is bad*.",
-            ""] + guard_lines(m["ood_guard"])[3:]
+            ""] + guard[3:]
     export_report = _export_report(loaded)
     if export_report:
         g, met = export_report["gate"], export_report["metrics"]

@@ -1,6 +1,7 @@
 """report.md and metrics.json of an evaluation, from the same numbers."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from xray.common.artifacts import write_csv_atomic, write_json_atomic, write_text_atomic
@@ -10,12 +11,20 @@ from .analysis import HARD_COLUMNS
 
 
 def write_report(out: Path, m: dict, model, data_dir: Path, failures: dict, hard: list[dict], plots: list[str]) -> str:
-    write_json_atomic(out / "metrics.json", {**m, "model": {"kind": model.kind, "path": str(model.path),
-                                                           "model_name": model.name}, "data": str(data_dir),
+    """Every path in what is written here is relative to `out`: the report travels and still resolves."""
+    rel = lambda p: os.path.relpath(p, out)  # noqa: E731
+    if m.get("calibration"):
+        m = {**m, "calibration": {**m["calibration"], "val_split": rel(m["calibration"]["val_split"])}}
+    if m.get("ood_guard"):
+        m = {**m, "ood_guard": {**m["ood_guard"], "model": rel(m["ood_guard"]["model"])}}
+    failures = {pair: [f | {"path": rel(f["path"])} for f in fs] for pair, fs in failures.items()}
+    write_json_atomic(out / "metrics.json", {**m, "model": {"kind": model.kind, "path": rel(model.path),
+                                                           "model_name": model.name}, "data": rel(data_dir),
                                              "failures": {f"{t}->{q}": v for (t, q), v in failures.items()}})
-    write_csv_atomic(out / "hard_examples.csv", HARD_COLUMNS, hard)
+    write_csv_atomic(out / "hard_examples.csv", HARD_COLUMNS, [r | {"path": rel(r["path"])} for r in hard])
     auc, ap = m["roc_auc_ovr"], m["average_precision"]
-    lines = [f"# Evaluation — {model.name} ({model.kind}: `{model.path}`) on `{data_dir}`", "",
+    lines = [f"# Evaluation — {model.name} ({model.kind}: `{rel(model.path)}`) on `{rel(data_dir)}`", "",
+             "Paths are relative to this report's folder.", "",
              metrics_markdown(m, title="Metrics").rstrip(), "",
              "| Class | ROC-AUC (one vs rest) | Average precision |", "|---|---|---|"]
     lines += [f"| {c} | {_f(auc['per_class'][c])} | {_f(ap[c])} |" for c in m["classes"]]

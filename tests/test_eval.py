@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 import shutil
 import sys
 
@@ -65,6 +66,29 @@ def test_pytorch_and_onnx_give_the_same_numbers(evaluated):
     assert ox["calibration_effect"]["before"]["ece"] == pytest.approx(pt["ece"], abs=1e-4)
     assert pt["accuracy"] == ox["accuracy"] and pt["confusion_matrix"] == ox["confusion_matrix"]
     assert pt["model"]["kind"] == "pytorch" and ox["model"]["kind"] == "onnx"
+
+
+def test_reports_name_no_absolute_path(evaluated, run, exported):
+    """report.md, metrics.json, hard_examples.csv and MODEL_CARD.md travel: paths relative to their own folder
+    (they resolve from there), the artifact also by sha256; none of this machine's absolute paths."""
+    import os
+
+    from xray.common.artifacts import sha256_file
+
+    base, test = evaluated
+    machine = {str(p) for p in (Path.home(), Path("/tmp"), Path.cwd(), base.resolve(), Path(os.sep) / "root")}
+    cards = {run / "MODEL_CARD.md": run / "best.safetensors", exported[0] / "MODEL_CARD.md": exported[0] / "model.onnx"}
+    files = [base / kind / n for kind in ("pt", "onnx") for n in ("report.md", "metrics.json", "hard_examples.csv")]
+    for f in files + list(cards):
+        text = f.read_text()
+        assert not [m for m in machine if m in text], (f, [m for m in machine if m in text])
+    for kind in ("pt", "onnx"):
+        m = json.loads((base / kind / "metrics.json").read_text())
+        assert (base / kind / m["data"]).resolve() == test.resolve() and (base / kind / m["model"]["path"]).is_file()
+        rows = list(csv.DictReader(open(base / kind / "hard_examples.csv")))
+        assert rows and all((base / kind / r["path"]).is_file() for r in rows)
+    for card, artifact in cards.items():
+        assert f"`{artifact.name}`" in card.read_text() and sha256_file(artifact)[:16] in card.read_text()
 
 
 def test_report_plots_and_hard_examples(evaluated):
