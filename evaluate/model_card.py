@@ -111,6 +111,17 @@ def write_model_card(path: Path, loaded, data_dir: Path, m: dict, ci: dict, rows
                   f"with PyTorch on {g['agreement'] * 100:.1f} % of {export_report['eval']['images']} images; gate: "
                   f"**{g['int8_status']}**; int8 file {export_report['size_ratio'] * 100:.0f} % of fp32, "
                   f"{export_report['latency'].get('speedup_batch_1', float('nan')):.2f}x faster at batch 1."]
+        c, cpus = export_report.get("calibration"), export_report.get("int8_cpu_classes")
+        if c:
+            q = [("val", "PyTorch", c["val"])] + [(export_report["eval"]["split"], {"pytorch": "PyTorch"}.get(k, "int8"), v)
+                                                 for k, v in c.get("eval", {}).items()]
+            lines.append(f"- Calibration: T = {c['temperature']:.4f}, {c['source']}; expected calibration error "
+                         f"({c['ece_bins']} bins) before -> after: "
+                         + "; ".join(f"{split} {who} {v['before']['ece']:.4f} -> {v['after']['ece']:.4f}"
+                                     for split, who, v in q) + ".")
+        if cpus:
+            lines.append(f"- int8 is right by construction on {', '.join(cpus['covered'])}; verified on "
+                         f"{', '.join(cpus['verified']) or 'none'} (`xray-infer` and `xray-serve` refuse it elsewhere).")
     text = "\n".join(lines) + "\n"
     write_text_atomic(path, text)
     return text

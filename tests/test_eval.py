@@ -89,6 +89,10 @@ def test_reports_name_no_absolute_path(evaluated, run, exported):
         assert rows and all((base / kind / r["path"]).is_file() for r in rows)
     for card, artifact in cards.items():
         assert f"`{artifact.name}`" in card.read_text() and sha256_file(artifact)[:16] in card.read_text()
+        # the export's calibration and int8 CPU classes, for the checkpoint's card too (its export is beside it)
+        assert "- Calibration: T = " in card.read_text() and "int8 is right by construction on avx2" in card.read_text()
+    summary = (run / "summary.md").read_text()  # the trainer's
+    assert not [m for m in machine if m in summary]
 
 
 def test_report_plots_and_hard_examples(evaluated):
