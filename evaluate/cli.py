@@ -83,6 +83,8 @@ def main(model, data, output_dir, batch_size, threads, low_margin, per_pair, cal
     m["temperature"] = loaded.effective_temperature
     m["temperature_source"] = (("baked into the ONNX graph by xray-export" if loaded.kind == "onnx"
                                 else "fitted by xray-eval --calibrate") if m["temperature"] != 1.0 else "uncalibrated")
+    from xray.train.calibration import before_after
+
     m["calibration_effect"] = {"ece_bins": ECE_BINS, **before_after(loaded.raw_logits(logits), labels, m["temperature"])}
     if calibration:
         m["calibration"] = calibration
@@ -138,19 +140,11 @@ def require_checkpoint(loaded, option: str):
         raise XrayError(f"{option} needs the PyTorch checkpoint (a run folder or .safetensors), not {loaded.path.name}")
 
 
-def before_after(raw_logits, labels, temperature: float) -> dict:
-    from xray.train.calibration import calibration_quality
-
-    return {"before": calibration_quality(raw_logits, labels, 1.0),
-            "after": calibration_quality(raw_logits, labels, temperature)}
-
-
 def fit_and_store_temperature(loaded, val_dir: Path, logits, labels, batch_size: int) -> dict:
     """Fit T on val, record it in the checkpoint sidecar, and measure NLL / ECE before and after."""
     import numpy as np
 
-    from xray.train.calibration import calibration_quality as quality
-    from xray.train.calibration import fit_temperature
+    from xray.train.calibration import before_after, fit_temperature
     from xray.train.checkpoint import set_temperature
     from xray.train.data import scan_split
 
@@ -162,8 +156,7 @@ def fit_and_store_temperature(loaded, val_dir: Path, logits, labels, batch_size:
     val_logits = predict_logits(loaded, [path for path, _ in val], batch_size)
     t = fit_temperature(val_logits, val_labels)
     result = {"val_split": str(val_dir), "temperature": t, "previous_temperature": loaded.temperature,
-              "val": {"before": quality(val_logits, val_labels, 1.0), "after": quality(val_logits, val_labels, t)},
-              "eval": {"before": quality(logits, labels, 1.0), "after": quality(logits, labels, t)}}
+              "val": before_after(val_logits, val_labels, t), "eval": before_after(logits, labels, t)}
     set_temperature(loaded.path, t)
     loaded.temperature = t
     click.echo(f"calibrate: T = {t:.4f} fitted on {len(val)} images of {val_dir}; stored in "

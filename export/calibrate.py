@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from xray.common.metrics import ECE_BINS
-from xray.train.calibration import calibration_quality, fit_temperature
+from xray.train.calibration import before_after, fit_temperature
 
 from .trust import torch_features
 from .verify import file_batches
@@ -28,8 +28,3 @@ def choose_temperature(model, meta: dict, spec, val_samples, calibrate: bool) ->
     return t, {"temperature": t or 1.0, "source": source, "ece_bins": ECE_BINS, "val_images": len(labels),
                "val": before_after(raw, labels, t or 1.0)}
 
-
-def before_after(raw_logits: np.ndarray, labels, temperature: float) -> dict:
-    """NLL and ECE of un-tempered logits, before (T = 1) and after temperature scaling."""
-    return {"before": calibration_quality(raw_logits, labels, 1.0),
-            "after": calibration_quality(raw_logits, labels, temperature)}

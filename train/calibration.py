@@ -21,3 +21,9 @@ def calibration_quality(logits, labels, temperature: float) -> dict:
     """NLL and ECE (ECE_BINS equal-width bins) of softmax(logits / temperature)."""
     p = softmax(logits, temperature)
     return {"nll": log_loss(labels, p), "ece": expected_calibration_error(p, labels, ECE_BINS)[0]}
+
+
+def before_after(raw_logits, labels, temperature: float) -> dict:
+    """NLL and ECE of un-tempered logits, before (T = 1) and after temperature scaling."""
+    return {"before": calibration_quality(raw_logits, labels, 1.0),
+            "after": calibration_quality(raw_logits, labels, temperature)}
