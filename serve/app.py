@@ -20,14 +20,14 @@ log = logging.getLogger("xray.serve")
 
 
 def create_app(model: EdgeModel, settings: Settings, node_settings=None) -> FastAPI:
-    """node_settings (serve.dicom_node.NodeSettings): also a DICOM node on the same model worker; the
+    """node_settings (serve.dicom.node.NodeSettings): also a DICOM node on the same model worker; the
     caller starts it (app.state.node.start(), so a port in use fails before HTTP starts) and the
     lifespan stops it before the model worker."""
     metrics = Metrics()
     service = Service(model, settings, metrics)
     node = None
     if node_settings is not None:
-        from .dicom_node import DicomNode
+        from .dicom.node import DicomNode
 
         node = DicomNode(service, node_settings)
 

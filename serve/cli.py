@@ -12,7 +12,7 @@ import uvicorn
 from xray.common.errors import XrayError, exit_on_user_error
 from xray.common.imageio import DEFAULT_MAX_PIXELS
 
-from .dicom_options import dicom_options, node_settings_from
+from .dicom.options import dicom_options, node_settings_from
 
 KEY_ENV = "XRAY_API_KEY"
 EPILOG = """\b

@@ -147,7 +147,7 @@ def test_c_echo(node):
 
 
 def test_c_store_results_equal_xray_infer_and_srs_reach_the_pacs(node, dicoms, tiny_onnx):
-    from xray.serve.dicom_sr import summarize_sr
+    from xray.serve.dicom.sr import summarize_sr
 
     _, port, out, pacs = node
     names = ("cr", "dx16", "dx12", "sc8")
@@ -199,7 +199,7 @@ def test_non_chest_instances_are_logged_with_a_reason_and_get_no_diagnosis(node,
     assert corrupt["status"] == "error" and "pixel data" in corrupt["reason"] and "prediction" not in corrupt
     assert logged[uid("dx16")]["status"] == "classified"  # the next instance still works
     time.sleep(1)
-    from xray.serve.dicom_sr import summarize_sr
+    from xray.serve.dicom.sr import summarize_sr
 
     refs = {u for sr in pacs.received[before:] for u in summarize_sr(sr)["references"]}
     assert uid("lateral") not in refs and uid("hand") not in refs and uid("corrupt") not in refs
@@ -292,7 +292,7 @@ def test_heatmap_secondary_capture_with_the_sr(exported, tmp_path):
     """--send-heatmap: with each SR of a diagnosed instance, the overlay as an RGB Secondary Capture in the same
     study, pointing at its source; none for an instance the guard flagged."""
     from PIL import Image
-    from xray.serve.dicom_sr import summarize_sr
+    from xray.serve.dicom.sr import summarize_sr
 
     folder, _ = exported
     test_split = folder.parent.parent / "data" / "test"
@@ -347,8 +347,8 @@ def test_stopping_the_sender_ends_its_back_off_at_once(dicoms, tmp_path):
     from types import SimpleNamespace
 
     from xray.common.image_spec import ImageSpec
-    from xray.serve.dicom_node import Destination, NodeSettings, ResultsLog
-    from xray.serve.sr_sender import SrSender
+    from xray.serve.dicom.node import Destination, NodeSettings, ResultsLog
+    from xray.serve.dicom.sender import SrSender
 
     settings = NodeSettings(send_to=Destination("NOBODY", "127.0.0.1", 9), send_retries=5, retry_base_s=10)
     info = SimpleNamespace(model_name="efficientnet_lite0", precision="int8", checkpoint_sha256="ab" * 32,

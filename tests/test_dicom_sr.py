@@ -1,4 +1,4 @@
-"""xray.serve.dicom_sr: the SR (and heatmap SC) of one result is valid DICOM that highdicom reads back, in the
+"""xray.serve.dicom.sr: the SR (and heatmap SC) of one result is valid DICOM that highdicom reads back, in the
 source's study, referencing the source, with the right codes; an out-of-distribution image gets no diagnosis."""
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from test_common_imageio import _find_rg1
-from xray.serve.dicom_sr import (LOCAL_SCHEME, OOD_PREDICTION, build_heatmap_sc, build_sr, finding_code,
+from xray.serve.dicom.sr import (LOCAL_SCHEME, OOD_PREDICTION, build_heatmap_sc, build_sr, finding_code,
                                  summarize_sr)
 
 COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
@@ -273,6 +273,6 @@ def test_heatmap_sc_round_trips_in_the_same_study(cr):
 
 
 def test_module_does_not_import_torch():
-    code = "import sys, xray.serve.dicom_sr; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, xray.serve.dicom.sr; assert 'torch' not in sys.modules, 'torch imported'"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

@@ -44,6 +44,7 @@ def test_edge_wheel_imports_without_torch(tmp_path, tiny_onnx):
     assert top == {"xray"}, f"only the xray package may land in site-packages, got {top}"
     assert "xray/common/preprocess.py" in names and "xray/infer/cli.py" in names
     assert "xray/serve/static/index.html" in names and "xray/serve/static/app.js" in names
+    assert "xray/serve/dicom/node.py" in names and "xray/serve/dicom/sr.py" in names
 
     env_dir = tmp_path / "edge-venv"
     venv.EnvBuilder(with_pip=True).create(env_dir)

@@ -96,7 +96,7 @@ def test_serves_with_torch_unimportable(tiny_onnx, images):
                "        if name.split('.')[0] in {'torch', 'torchvision', 'timm', 'accelerate', 'onnx', 'sklearn'}:\n"
                "            raise ImportError('blocked for this test: ' + name)\n"
                "sys.meta_path.insert(0, Block())\n"
-               "import xray.serve.dicom_sr  # the SR builder is imported lazily by the node: check it too\n"
+               "import xray.serve.dicom.sr  # the SR builder is imported lazily by the node: check it too\n"
                "from xray.serve.cli import main\n"
                "try:\n"
                "    main(prog_name='xray-serve')\n"

@@ -61,7 +61,7 @@ class SrSender:
                                    reason=f"{type(e).__name__}: {e}")
 
     def _send_with_retries(self, source, record, heatmap):
-        from .dicom_sr import build_sr
+        from .sr import build_sr
 
         src_uid = str(source.get("SOPInstanceUID", ""))
         try:
@@ -91,7 +91,7 @@ class SrSender:
         from xray.common.imageio import load_image
         from xray.infer.heatmap import overlay
 
-        from .dicom_sr import build_heatmap_sc
+        from .sr import build_heatmap_sc
 
         image = load_image(data, name="instance.dcm")
         image.thumbnail((HEATMAP_MAX_SIDE, HEATMAP_MAX_SIDE))

@@ -24,7 +24,7 @@ from pynetdicom.sop_class import (ComputedRadiographyImageStorage, DigitalXRayIm
                                   MultiFrameGrayscaleWordSecondaryCaptureImageStorage, SecondaryCaptureImageStorage,
                                   Verification)
 
-from .sr_sender import SrSender
+from .sender import SrSender
 
 log = logging.getLogger("xray.serve.dicom")
 

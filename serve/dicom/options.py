@@ -45,7 +45,7 @@ def node_settings_from(host, dicom_port, ae_title, allow_ae, results_dir, send_t
         return None
     if send_heatmap and not send_to:
         raise XrayError("--send-heatmap needs --send-to AE@HOST:PORT")
-    from .dicom_node import Destination, NodeSettings
+    from .node import Destination, NodeSettings
 
     for title in (ae_title, *allow_ae):
         if not title.strip() or len(title) > 16 or "\\" in title:
