@@ -23,11 +23,13 @@ $(STAMP): pyproject.toml Makefile | $(PY)
 # Debian tools only the tests use (make demo does not wait for them):
 # chromium + its driver for the page's real-browser test (a browser that downloads itself fails offline);
 # qemu-user for the int8 tests on emulated CPUs (qemu-x86_64 -cpu Haswell runs onnxruntime's AVX2 kernels,
-# qemu-aarch64 its Arm kernels), debootstrap for the arm64 root those run in
+# qemu-aarch64 its Arm kernels), debootstrap for the arm64 root those run in;
+# Orthanc (the PACS) and DCMTK (modality, second PACS, img2dcm) for the DICOM node's tests against real peers
+TOOLS := chromium chromedriver qemu-x86_64 debootstrap Orthanc storescu storescp img2dcm
 test-tools:
-	@command -v chromium >/dev/null && command -v chromedriver >/dev/null && command -v qemu-x86_64 >/dev/null \
-		&& command -v debootstrap >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-		apt-get install -y -qq chromium chromium-driver qemu-user debootstrap >/dev/null; }
+	@for t in $(TOOLS); do command -v $$t >/dev/null || exit 1; done || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver qemu-user debootstrap \
+		orthanc dcmtk >/dev/null; }
 
 # an arm64 Debian root with this venv's numpy + onnxruntime as aarch64 wheels (about a minute)
 $(ARM64): $(STAMP) | test-tools
