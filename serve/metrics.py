@@ -32,6 +32,10 @@ class Metrics:
                                registry=r)
         self.queue_depth = Gauge("xray_queue_depth", "Images decoded and waiting for the model", registry=r)
         self.model = Info("xray_model", "The model being served", registry=r)
+        self.outbox_backlog = Gauge("xray_dicom_outbox_backlog", "DICOM reports on disk waiting for the PACS",
+                                    registry=r)
+        self.outbox_oldest = Gauge("xray_dicom_outbox_oldest_age_seconds",
+                                   "Age of the oldest DICOM report waiting for the PACS (0: none)", registry=r)
 
     def observe_request(self, path: str, method: str, status: int, seconds: float):
         route = route_label(path)

@@ -42,11 +42,13 @@ def live():
 @router.get("/health/ready", response_model=Health, tags=["health"],
             responses={503: {"description": "loading the model, or shutting down"}})
 def ready(request: Request):
-    """Ready for traffic: the model is loaded and one warm-up inference ran; 503 while loading or draining."""
-    s = service(request)
+    """Ready for traffic: the model is loaded and one warm-up inference ran; 503 while loading or draining.
+    With the DICOM node's --send-to, `outbox` says how many reports wait for the PACS and for how long."""
+    s, node = service(request), request.app.state.node
+    extra = {"outbox": node.outbox_status()} if node is not None and node.outbox is not None else {}
     if s.ready and not s.draining:
-        return {"status": "ready"}
-    return JSONResponse({"status": "draining" if s.draining else "loading"}, status_code=503)
+        return {"status": "ready", **extra}
+    return JSONResponse({"status": "draining" if s.draining else "loading", **extra}, status_code=503)
 
 
 @router.get("/v1/metadata", response_model=Metadata, tags=["model"])

@@ -4,8 +4,15 @@ from __future__ import annotations
 from pydantic import BaseModel
 
 
+class Outbox(BaseModel):
+    backlog: int  # DICOM reports on disk waiting for the PACS
+    oldest_age_s: float  # the oldest one's age (0: none)
+    destination: str  # AE@HOST:PORT
+
+
 class Health(BaseModel):
     status: str
+    outbox: Outbox | None = None  # with the DICOM node and --send-to
 
 
 class ImageError(BaseModel):

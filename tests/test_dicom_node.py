@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import stat
 import threading
 import time
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+import requests
 from conftest import run_command, run_script, xray_infer
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -99,6 +101,32 @@ class Pacs:
         return self.received
 
 
+def wait_until(condition, timeout: float = 30, what: str = "condition"):
+    """Poll `condition()` until it is truthy (returned) or the deadline passes (AssertionError)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+def srs_for(pacs: Pacs, source_uids) -> dict:
+    """{source SOP Instance UID: the SR the PACS received for it}, once every one has arrived."""
+    from xray.serve.dicom.sr import summarize_sr
+
+    def found():
+        out = {}
+        for ds in list(pacs.received):
+            if ds.SOPClassUID == ComprehensiveSRStorage:
+                for uid in summarize_sr(ds)["references"]:
+                    out[uid] = ds
+        return out if set(source_uids) <= set(out) else None
+
+    return wait_until(found, what=f"SRs of {len(source_uids)} instances at the PACS")
+
+
 def node_port(server: Server) -> int:
     return int(re.search(r"DICOM node \S+ listening on 127\.0\.0\.1:(\d+)", server.output()).group(1))
 
@@ -166,25 +194,26 @@ def test_c_store_results_equal_xray_infer_and_srs_reach_the_pacs(node, dicoms, t
         assert rec["prediction"] == ref["prediction"]
         for c, p in ref["probabilities"].items():
             assert rec["probabilities"][c] == pytest.approx(p, abs=1e-6), (n, c)
-    srs = pacs.wait_for(4)
-    assert len(srs) >= 4
-    by_source = {}
     import highdicom as hd
 
-    for sr in srs:
-        hd.sr.ComprehensiveSR.from_dataset(sr)  # validates as an SR highdicom can read
-        summary = summarize_sr(sr)
-        for uid in summary["references"]:
-            by_source[uid] = (sr, summary)
+    sources = [pydicom.dcmread(dicoms[n], stop_before_pixels=True).SOPInstanceUID for n in names]
+    by_source = srs_for(pacs, sources)
     for n in names:
         ds = pydicom.dcmread(dicoms[n], stop_before_pixels=True)
-        sr, summary = by_source[ds.SOPInstanceUID]
+        sr = by_source[ds.SOPInstanceUID]
+        hd.sr.ComprehensiveSR.from_dataset(sr)  # validates as an SR highdicom can read
+        summary = summarize_sr(sr)
+        assert summary["intended_use"].startswith("Research use only")
         assert sr.StudyInstanceUID == ds.StudyInstanceUID and sr.SOPClassUID == ComprehensiveSRStorage
         assert summary["finding"].lower() == logged[ds.SOPInstanceUID]["prediction"].lower()
         for c, p in logged[ds.SOPInstanceUID]["probabilities"].items():
             assert summary["probabilities"][c] == pytest.approx(p, abs=1e-6)
-    sent = [r for r in results(out) if r["event"] == "sr_sent"]
-    assert {r["sop_instance_uid"] for r in sent} >= {pydicom.dcmread(dicoms[n]).SOPInstanceUID for n in names}
+    sent = wait_until(lambda: {r["sop_instance_uid"]: r for r in results(out) if r["event"] == "sr_sent"}.keys()
+                      >= set(sources) and [r for r in results(out) if r["event"] == "sr_sent"], what="sr_sent lines")
+    for r in sent:
+        if r["sop_instance_uid"] in sources:
+            assert r["sr_sop_instance_uid"] == by_source[r["sop_instance_uid"]].SOPInstanceUID
+            assert r["statuses"] == ["0x0000"] and r["attempts"] >= 1
 
 
 def test_non_chest_instances_are_logged_with_a_reason_and_get_no_diagnosis(node, dicoms):
@@ -198,7 +227,8 @@ def test_non_chest_instances_are_logged_with_a_reason_and_get_no_diagnosis(node,
     assert hand["status"] == "not_classified" and "BodyPartExamined HAND" in hand["reason"]
     assert corrupt["status"] == "error" and "pixel data" in corrupt["reason"] and "prediction" not in corrupt
     assert logged[uid("dx16")]["status"] == "classified"  # the next instance still works
-    time.sleep(1)
+    # reports go out in the order they were written: once dx16's has arrived, any for the others would have too
+    srs_for(pacs, [uid("dx16")])
     from xray.serve.dicom.sr import summarize_sr
 
     refs = {u for sr in pacs.received[before:] for u in summarize_sr(sr)["references"]}
@@ -221,7 +251,16 @@ def test_unknown_calling_ae_is_rejected(node):
     _, port, out, _ = node
     assoc = scu("STRANGER").associate("127.0.0.1", port, ae_title="XRAY_EDGE")
     assert assoc.is_rejected and not assoc.is_established
-    assert any(r["event"] == "association_rejected" and r["calling_ae"] == "STRANGER" for r in results(out))
+    wait_until(lambda: any(r["event"] == "association_rejected" and r["calling_ae"] == "STRANGER"
+                           for r in results(out)), what="the rejection in results.jsonl")
+
+
+def test_wrong_called_ae_is_rejected(node):
+    _, port, out, _ = node
+    assoc = scu().associate("127.0.0.1", port, ae_title="SOMEONE_ELSE")
+    assert assoc.is_rejected and not assoc.is_established
+    wait_until(lambda: any(r["event"] == "association_rejected" and r.get("called_ae") == "SOMEONE_ELSE"
+                           for r in results(out)), what="the rejection in results.jsonl")
 
 
 def test_fifty_instances_over_four_associations_none_lost(node, dicoms, tmp_path):
@@ -248,9 +287,9 @@ def test_fifty_instances_over_four_associations_none_lost(node, dicoms, tmp_path
 
 def test_instance_size_limit_and_failed_sends_never_block_receiving(tiny_onnx, dicoms, tmp_path):
     out = tmp_path / "results"
-    # nothing listens on the --send-to port: every SR send fails, is retried, and logged as failed
+    # nothing listens on the --send-to port: every report waits in the outbox, and receiving goes on
     with Server("--model", tiny_onnx[0], "--dicom-port", 0, "--results", out, "--max-instance-mb", 2,
-                "--send-to", "NOBODY@127.0.0.1:9", "--send-retries", 2, "--max-associations", 2) as s:
+                "--send-to", "NOBODY@127.0.0.1:9", "--send-backoff-max-s", 1, "--max-associations", 2) as s:
         port = node_port(s)
         held = [scu().associate("127.0.0.1", port, ae_title="XRAY_EDGE") for _ in range(2)]
         assert all(a.is_established for a in held)
@@ -258,25 +297,33 @@ def test_instance_size_limit_and_failed_sends_never_block_receiving(tiny_onnx, d
         assert third.is_rejected
         for a in held:
             a.release()
-        time.sleep(0.5)
+
+        def associate():  # the node frees the slots as the released associations' threads end
+            assoc = scu().associate("127.0.0.1", port, ae_title="XRAY_EDGE")
+            return assoc if assoc.is_established else None
+
+        assoc = wait_until(associate, 10, "an association after the held ones were released")
         start = time.monotonic()
-        assert store(port, [dicoms["dx16"]]) == [0x0000]
+        assert assoc.send_c_store(pydicom.dcmread(dicoms["dx16"])).Status == 0x0000
         assert time.monotonic() - start < 5  # answered while the SR send is failing
-        assoc = scu().associate("127.0.0.1", port, ae_title="XRAY_EDGE")
         status = assoc.send_c_store(pydicom.dcmread(dicoms["cr"]))  # 7 MB > 2 MB: the node aborts
         assert getattr(status, "Status", None) != 0x0000
-        deadline = time.monotonic() + 10
-        while assoc.is_established and time.monotonic() < deadline:  # the requestor notices the A-ABORT
-            time.sleep(0.05)
+        wait_until(lambda: not assoc.is_established, 10, "the requestor to notice the A-ABORT")
         assert assoc.is_aborted
         assert store(port, [dicoms["sc8"]]) == [0x0000]  # the next association works
-        deadline = time.monotonic() + 20
-        while not any(r["event"] == "sr_failed" for r in results(out)) and time.monotonic() < deadline:
-            time.sleep(0.1)
+        health = wait_until(lambda: requests.get(s.url + "/health/ready", timeout=5).json()["outbox"]["backlog"] == 2
+                            and requests.get(s.url + "/health/ready", timeout=5).json(), what="2 reports waiting")
+        assert health["outbox"]["destination"] == "NOBODY@127.0.0.1:9" and health["outbox"]["oldest_age_s"] > 0
+        assert s.metrics()["xray_dicom_outbox_backlog"] == 2
+        wait_until(lambda: any(r["event"] == "send_waiting" for r in results(out)), what="send_waiting")
     log = results(out)
     assert any(r["event"] == "association_aborted" and "2 MB limit" in r["reason"] for r in log)
-    failed = [r for r in log if r["event"] == "sr_failed"]
-    assert failed and failed[0]["attempts"] == 2 and "NOBODY@127.0.0.1:9" in failed[0]["destination"]
+    assert not [r for r in log if r["event"] in ("sr_sent", "sr_failed", "sr_refused", "sr_expired")]
+    waiting = [r for r in log if r["event"] == "send_waiting"]
+    assert "NOBODY@127.0.0.1:9" in waiting[0]["destination"]
+    assert len([p for p in (out / "outbox").iterdir() if p.is_dir()]) == 2  # still on disk after the stop
+    assert stat.S_IMODE((out / "outbox").stat().st_mode) == 0o700
+    assert stat.S_IMODE((out / "results.jsonl").stat().st_mode) == 0o600
 
 
 def test_bad_dicom_options_exit_2(tiny_onnx):
@@ -341,28 +388,41 @@ def test_send_dicom_script_stores_a_folder(node, dicoms, tmp_path):
     assert proc.returncode != 0 and "no association" in proc.stderr
 
 
-def test_stopping_the_sender_ends_its_back_off_at_once(dicoms, tmp_path):
-    """A PACS that is down and a 10 s back-off: stop() does not wait it out, and the report is logged as failed
-    after the attempts it really made."""
-    from types import SimpleNamespace
+def test_stopping_the_sender_ends_its_back_off_at_once_and_the_next_one_delivers(dicoms, tmp_path):
+    """A PACS that is down and a 10 s back-off: stop() does not wait it out, the report stays on disk with no
+    terminal line, and a sender started later over the same outbox delivers it once."""
+    from xray.serve.dicom.node import Destination
+    from xray.serve.dicom.outbox import Outbox
+    from xray.serve.dicom.results_log import ResultsLog
+    from xray.serve.dicom.sender import Sender
+    from xray.serve.dicom.sr import build_sr
 
-    from xray.common.image_spec import ImageSpec
-    from xray.serve.dicom.node import Destination, NodeSettings, ResultsLog
-    from xray.serve.dicom.sender import SrSender
-
-    settings = NodeSettings(send_to=Destination("NOBODY", "127.0.0.1", 9), send_retries=5, retry_base_s=10)
-    info = SimpleNamespace(model_name="efficientnet_lite0", precision="int8", checkpoint_sha256="ab" * 32,
-                           classes=["NORMAL", "PNEUMONIA", "TUBERCULOSIS"], spec=ImageSpec())
-    log = ResultsLog(tmp_path)
-    sender = SrSender(settings, log, SimpleNamespace(model=SimpleNamespace(info=info)))
-    sender.start()
     record = {"prediction": "NORMAL", "probability": 0.7, "probabilities": {"NORMAL": 0.7, "PNEUMONIA": 0.2,
               "TUBERCULOSIS": 0.1}, "ood": False, "ood_score": 1.0}
-    sender.submit(pydicom.dcmread(dicoms["dx16"]), record)
-    time.sleep(1.5)  # the first attempt has failed; the sender is in its first 10 s wait
+    model = {"name": "efficientnet_lite0", "precision": "int8", "checkpoint_sha256": "ab" * 32, "version": "0"}
+    source = pydicom.dcmread(dicoms["dx16"])
+    log = ResultsLog(tmp_path)
+    outbox = Outbox(tmp_path)
+    entry = outbox.put(source.SOPInstanceUID, [build_sr(source, record, model)])
+    sender = Sender(Destination("NOBODY", "127.0.0.1", 9), outbox, log, "XRAY_EDGE", backoff_max_s=10,
+                    backoff_base_s=10)
+    sender.start()
+    wait_until(lambda: any(r["event"] == "send_waiting" for r in results(tmp_path)), 10, "the first failed round")
     start = time.monotonic()
     sender.stop()
     assert time.monotonic() - start < 5
-    log.close()
-    failed = [r for r in results(tmp_path) if r["event"] == "sr_failed"]
-    assert len(failed) == 1 and failed[0]["attempts"] == 1 and "NOBODY@127.0.0.1:9" in failed[0]["reason"]
+    assert not [r for r in results(tmp_path) if r["event"].startswith("sr_")]
+    assert Outbox(tmp_path).backlog() == 1  # still there for the next start
+
+    pacs = Pacs()
+    try:
+        sender = Sender(Destination("PACS", "127.0.0.1", pacs.port), Outbox(tmp_path), log, "XRAY_EDGE")
+        sender.start()
+        sent = wait_until(lambda: [r for r in results(tmp_path) if r["event"] == "sr_sent"], 20, "sr_sent")
+        sender.stop()
+    finally:
+        pacs.server.shutdown()
+        log.close()
+    assert len(sent) == 1 and sent[0]["sop_instance_uid"] == source.SOPInstanceUID
+    assert [d.SOPInstanceUID for d in pacs.received] == [entry.sr_uid] == [sent[0]["sr_sop_instance_uid"]]
+    assert not list((tmp_path / "outbox").iterdir())

@@ -4,17 +4,22 @@ Structured Report back.
 
 Accepted: C-ECHO, and C-STORE of the storage classes chest films come in (CR, DX for presentation and
 for processing, Secondary Capture) in the transfer syntaxes this pydicom can decode; anything else is
-refused in the association negotiation. Every instance received gets a line in `results.jsonl`, with a
-prediction or a reason (not a chest film, lateral view, undecodable pixels); none crashes the node.
+refused in the association negotiation. The Deflated transfer syntax is refused there too: pydicom inflates
+it in full before anything can be checked (a 0.3 MB instance can inflate to gigabytes). Every instance
+received gets a line in `results.jsonl`, with a prediction or a reason (not a chest film, lateral view,
+undecodable pixels); none crashes the node.
+
+C-STORE answers: 0x0000 once the instance is logged and its report is on disk in the outbox (or it gets
+none: not a chest film, undecodable pixels); 0xA700 "out of resources" when the node cannot take it now
+(loading, shutting down, --max-queue reached, an internal failure) so that the modality sends it again;
+0xC000 only for a dataset that cannot be parsed.
 """
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 from pydicom.uid import UID
@@ -24,7 +29,11 @@ from pynetdicom.sop_class import (ComputedRadiographyImageStorage, DigitalXRayIm
                                   MultiFrameGrayscaleWordSecondaryCaptureImageStorage, SecondaryCaptureImageStorage,
                                   Verification)
 
-from .sender import SrSender
+from . import pdu_limit
+from .outbox import Outbox
+from .reports import build_reports, model_identity
+from .results_log import PatientIdPolicy, ResultsLog
+from .sender import Sender
 
 log = logging.getLogger("xray.serve.dicom")
 
@@ -34,15 +43,18 @@ CHEST_STORAGE = (ComputedRadiographyImageStorage, DigitalXRayImageStorageForPres
 CHEST_BODY_PARTS = ("", "CHEST", "THORAX", "LUNG", "CHEST_TO_PELVIS")
 LATERAL_VIEWS = ("LL", "RL", "LATERAL", "LLD", "RLD")
 STATUS_OK, STATUS_CANNOT_UNDERSTAND, STATUS_OUT_OF_RESOURCES = 0x0000, 0xC000, 0xA700
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def decodable_transfer_syntaxes() -> list[UID]:
-    """The transfer syntaxes whose pixel data this pydicom (and its installed plugins) can decode."""
+    """The transfer syntaxes whose pixel data this pydicom (and its installed plugins) can decode, but Deflated."""
     from pydicom import uid
     from pydicom.pixels import get_decoder
 
     out = []
     for ts in uid.AllTransferSyntaxes:
+        if ts == uid.DeflatedExplicitVRLittleEndian:  # inflated in full by dcmread: a memory bomb
+            continue
         try:
             if get_decoder(ts).is_available:
                 out.append(ts)
@@ -73,58 +85,47 @@ class NodeSettings:
     host: str = "127.0.0.1"
     ae_title: str = "XRAY_EDGE"
     allow_ae: tuple[str, ...] = field(default_factory=tuple)  # calling AE titles accepted (empty: any)
+    accept_any_called_ae: bool = False  # else the called AE title must be ae_title
     results_dir: Path = Path("xray-dicom-results")
     send_to: Destination | None = None
     max_pdu: int = 65536  # bytes per PDU this node receives
     max_instance_mb: float = 256.0  # an association sending more for one instance is aborted
     max_associations: int = 8
     send_heatmap: bool = False  # also send the heatmap overlay as a Secondary Capture with each SR
-    send_retries: int = 5  # attempts per SR before it is logged as failed
-    retry_base_s: float = 1.0  # back-off: 1, 2, 4, ... seconds
-
-
-class ResultsLog:
-    """Append-only JSON lines, one complete line per write (a crash never leaves a half line mid-file)."""
-
-    def __init__(self, folder: Path):
-        folder.mkdir(parents=True, exist_ok=True)
-        self.path = folder / "results.jsonl"
-        self._lock = threading.Lock()
-        self._file = open(self.path, "a", encoding="utf-8")
-
-    def write(self, event: str, **fields):
-        line = json.dumps({"time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), "event": event,
-                           **fields}, default=str)
-        with self._lock:
-            if self._file.closed:  # an association still finishing after stop(): say so rather than fail
-                log.warning("results log closed, not written: %s", line)
-                return
-            self._file.write(line + "\n")
-            self._file.flush()
-
-    def close(self):
-        with self._lock:
-            self._file.close()
+    send_backoff_max_s: float = 60.0  # the sender's back-off doubles from 1 s up to this
+    send_max_age_h: float = 168.0  # undelivered after this long: sr_expired, kept aside
+    log_patient_id: str = "keep"  # keep | hash | omit, in results.jsonl
+    patient_id_key: Path | None = None  # the HMAC key file for log_patient_id="hash"
+    drain_s: float = 10.0  # on shutdown, associations in progress get this long to finish
 
 
 class DicomNode:
     def __init__(self, service, settings: NodeSettings):
         self.service, self.settings = service, settings
-        self.results = ResultsLog(settings.results_dir)
+        self.results = ResultsLog(settings.results_dir, PatientIdPolicy(settings.log_patient_id, settings.patient_id_key))
         info = service.model.info
         self.model_fields = {"name": info.model_name, "precision": info.precision, "file": service.model.path.name,
                              "checkpoint_sha256": info.checkpoint_sha256}
-        self.sender = SrSender(settings, self.results, service) if settings.send_to else None
+        self.identity = model_identity(service)
+        self.outbox = Outbox(settings.results_dir) if settings.send_to else None
+        self.sender = Sender(settings.send_to, self.outbox, self.results, settings.ae_title,
+                             settings.send_backoff_max_s, settings.send_max_age_h * 3600) if settings.send_to else None
+        if self.outbox is not None:
+            service.metrics.outbox_backlog.set_function(self.outbox.backlog)
+            service.metrics.outbox_oldest.set_function(self.outbox.oldest_age_s)
         self._received: dict[int, int] = {}  # association id -> bytes received since its last C-STORE
+        self._in_flight, self._lock = 0, threading.Lock()
         self._server = None
 
     # ------------------------------------------------------------------ lifecycle
     def start(self):
         s = self.settings
+        pdu_limit.install()
         ae = AE(ae_title=s.ae_title)
         ae.maximum_pdu_size = s.max_pdu
         ae.maximum_associations = s.max_associations
         ae.require_calling_aet = list(s.allow_ae)
+        ae.require_called_aet = not s.accept_any_called_ae
         syntaxes = decodable_transfer_syntaxes()
         for sop_class in CHEST_STORAGE:
             ae.add_supported_context(sop_class, syntaxes)
@@ -134,20 +135,45 @@ class DicomNode:
                     (evt.EVT_ABORTED, self._on_aborted)]
         self._server = ae.start_server((s.host, s.port), block=False, evt_handlers=handlers)
         self.port = self._server.server_address[1]
+        if s.host not in LOOPBACK and not s.allow_ae:
+            log.warning("DICOM node on %s accepts any calling AE title: name the modalities and PACS with "
+                        "--allow-ae AE (repeatable)", s.host)
         if self.sender:
             self.sender.start()
         log.info("DICOM node %s listening on %s:%d (storage: CR, DX, SC; %d transfer syntaxes)%s", s.ae_title,
-                 s.host, self.port, len(syntaxes), f"; SRs to {s.send_to.ae_title}@{s.send_to.host}:"
-                 f"{s.send_to.port}" if s.send_to else "")
-        self.results.write("node_started", ae_title=s.ae_title, port=self.port, model=self.model_fields)
+                 s.host, self.port, len(syntaxes), f"; SRs to {self.sender.where}, {self.outbox.backlog()} "
+                 "waiting in the outbox" if self.sender else "")
+        self.results.write("node_started", ae_title=s.ae_title, port=self.port, model=self.model_fields,
+                           outbox_backlog=self.outbox.backlog() if self.outbox else None)
+
+    def stop_listening(self):
+        """No new associations (SIGTERM); those in progress go on until stop()."""
+        if self._server is not None and not getattr(self, "_closed", False):
+            self._closed = True
+            self._server.shutdown()
 
     def stop(self):
-        if self._server:
-            self._server.shutdown()
+        """Stop listening, let the associations in progress finish (up to drain_s, then abort them, logged),
+        stop the sender (what is unsent stays in the outbox), close the log."""
+        self.stop_listening()
+        deadline = time.monotonic() + self.settings.drain_s
+        while self._server is not None and self._server.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for assoc in self._server.active_associations if self._server is not None else []:
+            self.results.write("association_aborted", calling_ae=_calling_assoc(assoc),
+                               reason=f"shutting down: still open after {self.settings.drain_s:g} s")
+            assoc.abort()
         if self.sender:
             self.sender.stop()
-        self.results.write("node_stopped")
+        self.results.write("node_stopped", outbox_backlog=self.outbox.backlog() if self.outbox else None)
         self.results.close()
+
+    def outbox_status(self) -> dict | None:
+        """For /health/ready and /metrics: results waiting for the PACS."""
+        if self.outbox is None:
+            return None
+        return {"backlog": self.outbox.backlog(), "oldest_age_s": self.outbox.oldest_age_s(),
+                "destination": self.sender.where}
 
     # ------------------------------------------------------------------ association events
     def _on_accepted(self, event):
@@ -159,8 +185,16 @@ class DicomNode:
                                       "transfer syntax this node can decode: refused in negotiation")
 
     def _on_rejected(self, event):
-        self.results.write("association_rejected", calling_ae=_calling(event),
-                           reason="calling AE title not in --allow-ae, or the association limit is reached")
+        s, request = self.settings, getattr(event.assoc.requestor, "primitive", None)
+        calling = str(getattr(request, "calling_ae_title", "") or "").strip()
+        called = str(getattr(request, "called_ae_title", "") or "").strip()
+        if s.allow_ae and calling not in s.allow_ae:
+            reason = f"calling AE title {calling!r} not in --allow-ae"
+        elif not s.accept_any_called_ae and called != s.ae_title:
+            reason = f"called AE title {called!r} is not this node's ({s.ae_title!r}, --ae-title)"
+        else:
+            reason = f"{s.max_associations} associations already open (--max-associations)"
+        self.results.write("association_rejected", calling_ae=calling, called_ae=called, reason=reason)
 
     def _on_aborted(self, event):
         self._received.pop(id(event.assoc), None)
@@ -176,6 +210,18 @@ class DicomNode:
             event.assoc.abort()
 
     # ------------------------------------------------------------------ C-STORE
+    def _busy(self) -> str | None:
+        """Why the node cannot take an instance now (answered 0xA700: the sender retries later), or None."""
+        service = self.service
+        if service.draining:
+            return "the server is shutting down"
+        if not service.ready:
+            return "the model is still loading"
+        if service.in_flight + self._in_flight >= service.settings.max_queue:
+            return f"busy: {service.in_flight + self._in_flight} requests in flight (--max-queue " \
+                   f"{service.settings.max_queue})"
+        return None
+
     def _on_store(self, event) -> int:
         start = time.perf_counter()
         self._received[id(event.assoc)] = 0
@@ -184,17 +230,35 @@ class DicomNode:
             ds = event.dataset
             ds.file_meta = event.file_meta
             ids.update(identifiers(ds))
-            reason = not_for_the_model(ds)
-            if reason:
-                self.results.write("instance", status="not_classified", reason=reason, **ids, model=self.model_fields)
-                return STATUS_OK
-            data = event.encoded_dataset()
-            want_cam = bool(self.sender and self.settings.send_heatmap and self.service.model.has_cam)
-            record, timing, cam = self.service.classify_blocking(data, f"{ids['sop_instance_uid']}.dcm", cam=want_cam)
-        except Exception as e:  # a malformed dataset must not take the node down
-            log.exception("C-STORE failed")
+        except Exception as e:  # the only case for "cannot understand": the dataset does not parse
             self.results.write("instance", status="error", reason=f"cannot read the dataset ({_one_line(e)})", **ids)
             return STATUS_CANNOT_UNDERSTAND
+        reason = not_for_the_model(ds)
+        if reason:
+            self.results.write("instance", status="not_classified", reason=reason, **ids, model=self.model_fields)
+            return STATUS_OK
+        with self._lock:
+            busy = self._busy()
+            if busy is None:
+                self._in_flight += 1
+        if busy:
+            self.results.write("instance", status="deferred", reason=f"{busy}: answered 0xA700, to be resent", **ids)
+            return STATUS_OUT_OF_RESOURCES
+        try:
+            return self._classify_and_keep(event, ds, ids, start)
+        except Exception as e:  # onnxruntime, a full disk: transient for the sender, which resends on 0xA7xx
+            log.exception("C-STORE of %s failed", ids.get("sop_instance_uid"))
+            self.results.write("instance", status="deferred", reason=f"internal error ({_one_line(e)}): answered "
+                                                                     "0xA700, to be resent", **ids)
+            return STATUS_OUT_OF_RESOURCES
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+
+    def _classify_and_keep(self, event, ds, ids, start) -> int:
+        data = event.encoded_dataset()
+        want_cam = bool(self.sender and self.settings.send_heatmap and self.service.model.has_cam)
+        record, timing, cam = self.service.classify_blocking(data, f"{ids['sop_instance_uid']}.dcm", cam=want_cam)
         timing["total_ms"] = round((time.perf_counter() - start) * 1e3, 2)
         if "error" in record:
             self.results.write("instance", status="error", reason=record["error"]["message"], **ids,
@@ -203,9 +267,22 @@ class DicomNode:
         fields = {k: record[k] for k in ("prediction", "probability", "probabilities", "ood", "ood_score", "reason")
                   if k in record}
         status = "out_of_distribution" if record.get("ood") else "classified"
-        self.results.write("instance", status=status, **ids, **fields, model=self.model_fields, timing=timing)
-        if self.sender:  # a heatmap only for a diagnosis: none for an image the guard flagged
-            self.sender.submit(ds, record, (data, cam) if cam is not None and not record.get("ood") else None)
+        if self.outbox is None:
+            self.results.write("instance", status=status, **ids, **fields, model=self.model_fields, timing=timing)
+            return STATUS_OK
+        # a heatmap only for a diagnosis: none for an image the guard flagged
+        heatmap = (data, cam) if cam is not None and not record.get("ood") else None
+        try:
+            objects = build_reports(ds, record, self.identity, self.service.model.info.spec, heatmap)
+        except Exception as e:  # a bug: logged loudly, the instance is not lost from the log
+            log.exception("building the report of %s failed", ids["sop_instance_uid"])
+            self.results.write("instance", status=status, **ids, **fields, model=self.model_fields, timing=timing)
+            self.results.write("sr_not_built", sop_instance_uid=ids["sop_instance_uid"], reason=_one_line(e))
+            return STATUS_OK
+        entry = self.outbox.put(ids["sop_instance_uid"], objects)  # on disk before the acknowledgement
+        self.results.write("instance", status=status, **ids, **fields, model=self.model_fields, timing=timing,
+                           **entry.uids())
+        self.sender.wake()
         return STATUS_OK
 
 
@@ -230,8 +307,12 @@ def not_for_the_model(ds) -> str | None:
 
 
 def _calling(event) -> str:
+    return _calling_assoc(event.assoc)
+
+
+def _calling_assoc(assoc) -> str:
     try:
-        return str(event.assoc.requestor.ae_title).strip()
+        return str(assoc.requestor.ae_title).strip()
     except AttributeError:
         return ""
 

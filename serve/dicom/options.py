@@ -14,14 +14,22 @@ _OPTIONS = [
     click.option("--allow-ae", "allow_ae", multiple=True, metavar="AE",
                  help="Calling AE titles the node accepts (repeatable; default: any)."),
     click.option("--results", "results_dir", type=click.Path(file_okay=False), default="xray-dicom-results",
-                 show_default=True, help="Folder of the node's append-only results.jsonl."),
+                 show_default=True, help="Folder of the node's results.jsonl and of the reports' outbox (0700)."),
     click.option("--send-to", metavar="AE@HOST:PORT", help="Send a DICOM Structured Report per instance there."),
     click.option("--max-instance-mb", type=click.FloatRange(min=0.001), default=256.0, show_default=True,
                  help="An association sending a larger instance is aborted."),
     click.option("--send-heatmap", is_flag=True,
                  help="With --send-to: also send the heatmap overlay as a Secondary Capture (models with heatmaps)."),
-    click.option("--send-retries", type=click.IntRange(min=1), default=5, show_default=True,
-                 help="Attempts per SR (back-off 1, 2, 4, ... s) before it is logged as failed."),
+    click.option("--send-backoff-max-s", type=click.FloatRange(min=0.1), default=60.0, show_default=True,
+                 help="Reports wait on disk until the PACS takes them; retries back off 1, 2, 4, ... s up to this."),
+    click.option("--send-max-age-h", type=click.FloatRange(min=0.001), default=168.0, show_default=True,
+                 help="A report still undelivered after this long is set aside in --results DIR/expired/."),
+    click.option("--accept-any-called-ae", is_flag=True,
+                 help="Accept associations whatever AE title they call (default: it must be --ae-title)."),
+    click.option("--log-patient-id", type=click.Choice(["keep", "hash", "omit"]), default="keep", show_default=True,
+                 help="Patient IDs in results.jsonl: as received, a keyed HMAC (--patient-id-key), or left out."),
+    click.option("--patient-id-key", type=click.Path(exists=True, dir_okay=False), metavar="FILE",
+                 help="The secret key for --log-patient-id hash (keep it apart from the results)."),
     click.option("--max-associations", type=click.IntRange(min=1), default=8, show_default=True,
                  help="Simultaneous DICOM associations."),
     click.option("--max-pdu-kb", type=click.IntRange(min=4, max=1024), default=64, show_default=True,
@@ -36,8 +44,9 @@ def dicom_options(func):
     return func
 
 
-def node_settings_from(host, dicom_port, ae_title, allow_ae, results_dir, send_to, send_heatmap, send_retries,
-                       max_instance_mb, max_associations, max_pdu_kb):
+def node_settings_from(host, dicom_port, ae_title, allow_ae, results_dir, send_to, send_heatmap, send_backoff_max_s,
+                       send_max_age_h, accept_any_called_ae, log_patient_id, patient_id_key, max_instance_mb,
+                       max_associations, max_pdu_kb):
     """The node's settings, or None without --dicom-port (then its other options are a mistake)."""
     if dicom_port is None:
         if send_to or allow_ae or send_heatmap:
@@ -46,7 +55,9 @@ def node_settings_from(host, dicom_port, ae_title, allow_ae, results_dir, send_t
     if send_heatmap and not send_to:
         raise XrayError("--send-heatmap needs --send-to AE@HOST:PORT")
     from .node import Destination, NodeSettings
+    from .results_log import PatientIdPolicy
 
+    PatientIdPolicy(log_patient_id, patient_id_key)  # a missing or short key fails here, before anything starts
     for title in (ae_title, *allow_ae):
         if not title.strip() or len(title) > 16 or "\\" in title:
             raise XrayError(f"AE title {title!r}: 1 to 16 characters, no backslash")
@@ -56,5 +67,7 @@ def node_settings_from(host, dicom_port, ae_title, allow_ae, results_dir, send_t
         raise XrayError(f"--send-to {e}") from None
     return NodeSettings(port=dicom_port, host=host, ae_title=ae_title, allow_ae=tuple(allow_ae),
                         results_dir=Path(results_dir), send_to=destination, max_pdu=max_pdu_kb * 1024,
-                        max_instance_mb=max_instance_mb, max_associations=max_associations, send_retries=send_retries,
-                        send_heatmap=send_heatmap)
+                        max_instance_mb=max_instance_mb, max_associations=max_associations, send_heatmap=send_heatmap,
+                        send_backoff_max_s=send_backoff_max_s, send_max_age_h=send_max_age_h,
+                        accept_any_called_ae=accept_any_called_ae, log_patient_id=log_patient_id,
+                        patient_id_key=Path(patient_id_key) if patient_id_key else None)

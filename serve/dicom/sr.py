@@ -36,6 +36,8 @@ KNOWN_FINDINGS = {
 NOT_ASSESSED = hd.sr.CodedConcept("OOD", LOCAL_SCHEME, "Image not suitable for automated assessment")
 OOD_SCORE = hd.sr.CodedConcept("OOD_SCORE", LOCAL_SCHEME, "Out-of-distribution score")
 OOD_REASON = hd.sr.CodedConcept("OOD_REASON", LOCAL_SCHEME, "Out-of-distribution reason")
+INTENDED_USE = hd.sr.CodedConcept("INTENDED_USE", LOCAL_SCHEME, "Intended use")
+RESEARCH_USE = "Research use only. Not a medical device: not for diagnosis or treatment decisions."
 PROBABILITY_PREFIX = "Probability of "
 NO_UNITS = codes.UCUM.NoUnits  # ("1", UCUM, "no units"): a probability is dimensionless
 # Type 2 attributes highdicom's SR constructor reads as evidence[0].X (an AttributeError if absent)
@@ -64,13 +66,33 @@ def stable_uid(*parts: str) -> str:
     return f"2.25.{uuid.uuid5(uuid.NAMESPACE_URL, 'urn:xray-edge:' + '/'.join(parts)).int}"
 
 
+# Modality (Type 1 in the SR's evidence) for a source that lacks it (img2dcm writes none), from its SOP class
+MODALITY_OF = {"1.2.840.10008.5.1.4.1.1.1": "CR", "1.2.840.10008.5.1.4.1.1.1.1": "DX",
+               "1.2.840.10008.5.1.4.1.1.1.1.1": "DX"}
+DEFAULT_MODALITY = "OT"  # Secondary Capture and anything else: "other"
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+
+
 def _header(source: pydicom.Dataset) -> pydicom.Dataset:
-    """The source without its pixel data (nothing large is copied) and with every patient/study attribute
-    present (empty when missing: Type 2), so highdicom can read them all. The source is not modified."""
+    """The source without its pixel data (nothing large is copied), with every attribute the SR and SC copy
+    present: Type 2 patient/study attributes empty when missing, Type 1 ones derived (the SOP class and
+    instance from the file meta, Modality from the SOP class, study and series UIDs made from the instance
+    UID so a rebuilt report lands in the same place). Building never fails on a dataset that was classified.
+    The source is not modified."""
     header = pydicom.Dataset()
     for elem in source:
         if elem.tag.group != 0x7FE0:  # Pixel Data and friends
             header.add(copy.deepcopy(elem))  # highdicom adds these very elements to the SR: share none
+    meta = getattr(source, "file_meta", None) or pydicom.Dataset()
+    if not header.get("SOPClassUID"):
+        header.SOPClassUID = meta.get("MediaStorageSOPClassUID") or SECONDARY_CAPTURE
+    if not header.get("SOPInstanceUID"):
+        header.SOPInstanceUID = meta.get("MediaStorageSOPInstanceUID") or generate_uid()
+    if not header.get("Modality"):
+        header.Modality = MODALITY_OF.get(str(header.SOPClassUID), DEFAULT_MODALITY)
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID"):
+        if not header.get(keyword):
+            setattr(header, keyword, stable_uid(keyword, str(header.SOPInstanceUID)))
     for keyword in _PATIENT_STUDY:
         if keyword not in header:
             setattr(header, keyword, None)
@@ -112,11 +134,14 @@ def _group(header: pydicom.Dataset, result: dict, model: dict) -> hd.sr.Measurem
         finding_type=finding,  # TID 1501's own (121071, DCM, "Finding") row, read back as group.finding_type
         algorithm_id=_algorithm(model), finding_sites=[hd.sr.FindingSite(codes.SCT.Chest)], measurements=measurements,
         source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(header)])
+    # TID 1501 allows TEXT qualitative evaluations; highdicom has no class for them, so add the items
+    texts = [(INTENDED_USE, RESEARCH_USE)]
     reason = result.get("reason")
     if reason and (prediction == OOD_PREDICTION or result.get("ood")):
-        # TID 1501 allows TEXT qualitative evaluations; highdicom has no class for them, so add the item
+        texts.append((OOD_REASON, str(reason)))
+    for name, value in texts:
         group[0].ContentSequence.append(hd.sr.TextContentItem(
-            name=OOD_REASON, value=str(reason), relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
+            name=name, value=value, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
     return group
 
 
@@ -146,22 +171,25 @@ def build_heatmap_sc(source: pydicom.Dataset, rgb: np.ndarray, *, series_instanc
     rgb = np.ascontiguousarray(rgb)
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise ValueError(f"heatmap must be an HxWx3 uint8 array, got {rgb.dtype} {rgb.shape}")
-    orientation = [str(v) for v in (source.get("PatientOrientation") or [])]
+    header = _header(source)
+    orientation = [str(v) for v in (header.get("PatientOrientation") or [])]
     known = len(orientation) == 2 and all(orientation)
     with warnings.catch_warnings():  # the PACS's person names are copied as they are, not judged
         warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name")
         sc = hd.sc.SCImage.from_ref_dataset(
-            ref_dataset=_header(source), pixel_array=rgb, photometric_interpretation="RGB", bits_allocated=8,
+            ref_dataset=header, pixel_array=rgb, photometric_interpretation="RGB", bits_allocated=8,
             coordinate_system="PATIENT", series_instance_uid=series_instance_uid or generate_uid(),
             series_number=series_number, sop_instance_uid=generate_uid(), instance_number=instance_number,
             manufacturer="xray-edge", patient_orientation=tuple(orientation) if known else ("L", "F"),
             series_description=HEATMAP_DESCRIPTION, transfer_syntax_uid=ExplicitVRLittleEndian)
     if not known:
         sc.PatientOrientation = None
-    sc.BurnedInAnnotation = "NO"
+    if "Laterality" not in sc:
+        sc.Laterality = None  # Type 2C (paired body parts; dciodvfy asks for it): unknown for a derived overlay
+    sc.BurnedInAnnotation = "YES"  # the caption (class, probability, "research use only") is drawn in
     sc.DerivationDescription = "xray-edge model attention heatmap overlaid on the source image"
     ref = pydicom.Dataset()
-    ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = source.SOPClassUID, source.SOPInstanceUID
+    ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = header.SOPClassUID, header.SOPInstanceUID
     sc.SourceImageSequence = [ref]
     return sc
 
@@ -189,6 +217,7 @@ def summarize_sr(ds: pydicom.Dataset) -> dict:
     """What an xray-edge SR says, read with pydicom only: the finding, class probabilities, OOD score and
     reason, the SOP Instance UIDs the content tree references, the observer device and the study."""
     out = {"finding": None, "finding_code": None, "probabilities": {}, "ood_score": None, "reason": None,
+           "intended_use": None,
            "references": [], "observer_device": None, "study_uid": str(ds.get("StudyInstanceUID", "")) or None}
     for item in _items(ds.get("ContentSequence")):
         name = _code(item.get("ConceptNameCodeSequence"))
@@ -208,6 +237,8 @@ def summarize_sr(ds: pydicom.Dataset) -> dict:
                 out["observer_device"] = str(item.TextValue)
             elif name[:2] == (OOD_REASON.value, LOCAL_SCHEME):
                 out["reason"] = str(item.TextValue)
+            elif name[:2] == (INTENDED_USE.value, LOCAL_SCHEME):
+                out["intended_use"] = str(item.TextValue)
         for ref in item.get("ReferencedSOPSequence") or []:
             uid = str(ref.ReferencedSOPInstanceUID)
             if uid not in out["references"]:
