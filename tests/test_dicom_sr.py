@@ -3,8 +3,10 @@ source's study, referencing the source, with the right codes; an out-of-distribu
 from __future__ import annotations
 
 import io
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import highdicom as hd
 import numpy as np
@@ -240,6 +242,49 @@ def test_source_missing_patient_attributes_builds_and_is_not_modified():
     assert summarize_sr(back)["references"] == [dx.SOPInstanceUID]
     assert "PixelData" not in back
     hd.sr.srread(io.BytesIO(_bytes(back)))
+
+
+def dciodvfy(ds: pydicom.Dataset, tmp_path) -> list[str]:
+    """dicom3tools' IOD validator on `ds`: its error lines (warnings are advice, not violations)."""
+    path = tmp_path / f"{ds.SOPInstanceUID}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    tool = shutil.which("dciodvfy") or str(Path(sys.executable).parent / "dciodvfy")
+    proc = subprocess.run([tool, "-new", str(path)], capture_output=True, text=True, timeout=60)
+    lines = (proc.stdout + proc.stderr).splitlines()
+    assert any(line.strip() in ("ComprehensiveSR", "SCImage") for line in lines), lines  # it recognised the IOD
+    return [line for line in lines if line.startswith("Error")]
+
+
+LACKING = ("Modality", "PatientID", "PatientName", "StudyID", "StudyDate", "AccessionNumber", "PatientOrientation",
+           "SeriesNumber", "StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID")
+
+
+@pytest.mark.parametrize("missing", LACKING)
+def test_reports_build_and_validate_for_sources_lacking_an_attribute(missing, tmp_path):
+    """Real archives hold instances without Modality (DCMTK's img2dcm writes none) and other gaps: the SR and
+    the heatmap SC are still built, valid for dciodvfy, in the source's study when it has one."""
+    dx = _dx(PatientOrientation=["P", "F"], SeriesNumber=3, StudyID="S1", AccessionNumber="A1")
+    dx.SOPClassUID = dx.file_meta.MediaStorageSOPClassUID  # the node sets file_meta from the association
+    delattr(dx, missing)
+    sr = build_sr(dx, _result(), MODEL)
+    sc = build_heatmap_sc(dx, np.zeros((8, 8, 3), np.uint8))
+    assert dciodvfy(sr, tmp_path) == [] and dciodvfy(sc, tmp_path) == []
+    assert sc.BurnedInAnnotation == "YES"  # the overlay's caption is drawn into the pixels
+    assert summarize_sr(sr)["intended_use"].startswith("Research use only")
+    if missing == "Modality":
+        evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+        assert evidence.ReferencedSOPSequence[0].ReferencedSOPClassUID == DX_FOR_PRESENTATION
+    if missing != "StudyInstanceUID":
+        assert sr.StudyInstanceUID == sc.StudyInstanceUID == dx.StudyInstanceUID
+    else:  # made from the instance UID: a rebuilt report lands in the same study
+        assert sr.StudyInstanceUID == sc.StudyInstanceUID == build_sr(dx, _result(), MODEL).StudyInstanceUID
+
+
+def test_reports_keep_a_non_ascii_character_set(tmp_path):
+    dx = _dx(SpecificCharacterSet="ISO_IR 192", PatientName="Müller^Jürgen=王^小明")
+    sr = _round_trip(build_sr(dx, _result(), MODEL))
+    assert sr.SpecificCharacterSet == "ISO_IR 192" and str(sr.PatientName) == "Müller^Jürgen=王^小明"
+    assert dciodvfy(sr, tmp_path) == [] and dciodvfy(build_heatmap_sc(dx, np.zeros((8, 8, 3), np.uint8)), tmp_path) == []
 
 
 def test_observer_device_uid_follows_the_checkpoint(cr):
