@@ -1,6 +1,8 @@
 #!/usr/bin/env python
 """The DICOM node under load on 127.0.0.1: instances per second received + classified over one association
-and over four, against xray-infer on the same images as DICOM and as PNG files on disk. Torch-free.
+and over four, against xray-infer on the same images as DICOM and as PNG files on disk; then the same with
+--send-to a PACS (a pynetdicom SCP in this process): each report built, fsynced into the outbox before the
+C-STORE is answered, and delivered — timed until the last SR has reached the PACS. Torch-free.
 
     python scripts/bench_dicom.py --model runs/demo/export [--instances 48]
 
@@ -77,10 +79,10 @@ def infer_rate(model: str, folder: Path, one: Path) -> dict:
     return {"images": n, "per_s": n / total, "steady_per_s": (n - 1) / max(total - single, 1e-9)}
 
 
-def start_node(model: str, results: Path, log_path: Path):
+def start_node(model: str, results: Path, log_path: Path, *extra):
     log = open(log_path, "w")
     proc = subprocess.Popen([BIN / "xray-serve", "--model", model, "--port", "0", "--dicom-port", "0", "--results",
-                             results, "--max-associations", "8"], stdout=log, stderr=subprocess.STDOUT)
+                             results, "--max-associations", "8", *extra], stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         text = log_path.read_text()
@@ -112,6 +114,50 @@ def store_all(port: int, datasets, associations: int) -> float:
     return elapsed
 
 
+def renew(datasets):
+    """New SOP Instance UIDs: each round sends new instances."""
+    for _, ds in datasets:
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+
+
+def check_logged(results: Path, expected: int, timeout: float = 30) -> dict:
+    """Every instance answered in results.jsonl (polled: the last line may still be on its way)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = (results / "results.jsonl").read_text().splitlines()
+        statuses = [r["status"] for r in map(json.loads, lines) if r["event"] == "instance"]
+        answered = statuses.count("classified") + statuses.count("out_of_distribution")
+        if answered == expected:
+            return {s: statuses.count(s) for s in sorted(set(statuses))}
+        if time.monotonic() > deadline:
+            raise SystemExit(f"results.jsonl answers {answered} instances, expected {expected}")
+        time.sleep(0.1)
+
+
+class Pacs:
+    """A Storage SCP for the reports (SR, heatmap SC), counting what it receives."""
+
+    def __init__(self):
+        from pynetdicom import AE, evt
+        from pynetdicom.sop_class import ComprehensiveSRStorage, SecondaryCaptureImageStorage
+
+        self.received = []
+        ae = AE(ae_title="PACS")
+        ae.add_supported_context(ComprehensiveSRStorage)
+        ae.add_supported_context(SecondaryCaptureImageStorage)
+        ae.maximum_associations = 16
+        handler = (evt.EVT_C_STORE, lambda event: self.received.append(event.request.AffectedSOPInstanceUID) or 0)
+        self.server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[handler])
+        self.port = self.server.server_address[1]
+
+    def wait_for(self, n: int, timeout: float = 300):
+        deadline = time.monotonic() + timeout
+        while len(self.received) < n:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"the PACS received {len(self.received)} reports, expected {n}")
+            time.sleep(0.02)
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--model", default=str(ROOT / "runs" / "demo" / "export"), show_default=True,
               help="Export folder (the faster precision on this CPU) or a model file.")
@@ -130,20 +176,29 @@ def main(model, instances, json_path):
         try:
             store_all(port, datasets[:4], 1)  # warm
             for n in (1, 4):
-                for _, ds in datasets:
-                    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()  # a new instance
+                renew(datasets)
                 res[f"node_{n}_assoc_per_s"] = instances / store_all(port, datasets, n)
-            time.sleep(0.5)
-            logged = [json.loads(line) for line in (tmp / "results" / "results.jsonl").read_text().splitlines()]
-            statuses = [r["status"] for r in logged if r["event"] == "instance"]
-            res["logged"] = {s: statuses.count(s) for s in sorted(set(statuses))}
-            answered = statuses.count("classified") + statuses.count("out_of_distribution")
-            if answered != 2 * instances + 4:
-                raise SystemExit(f"results.jsonl answers {answered} instances, expected {2 * instances + 4}: "
-                                 f"{res['logged']}")
+            res["logged"] = check_logged(tmp / "results", 2 * instances + 4)
         finally:
             proc.send_signal(signal.SIGTERM)
             res["server_exit"] = proc.wait(60)
+        pacs = Pacs()
+        proc, port = start_node(model, tmp / "results_sr", tmp / "serve_sr.log", "--send-to",
+                                f"PACS@127.0.0.1:{pacs.port}")
+        try:
+            store_all(port, datasets[:4], 1)  # warm
+            pacs.wait_for(4)
+            for n in (1, 4):
+                renew(datasets)
+                t0, before = time.perf_counter(), len(pacs.received)
+                res[f"node_sr_{n}_assoc_per_s"] = instances / store_all(port, datasets, n)
+                pacs.wait_for(before + instances)
+                res[f"node_sr_{n}_assoc_delivered_per_s"] = instances / (time.perf_counter() - t0)
+            res["logged_sr"] = check_logged(tmp / "results_sr", 2 * instances + 4)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            res["server_sr_exit"] = proc.wait(60)
+            pacs.server.shutdown()
     print(f"\nDICOM node bench: {res['cpu']}, int8 dot product {res['int8_dot_product'] or 'none'}; {instances} DX "
           f"instances of 1200-2000 px (mean {mb:.1f} MB)\n")
     print("| path | instances/s |\n|---|---:|")
@@ -153,8 +208,12 @@ def main(model, instances, json_path):
     for n in (1, 4):
         print(f"| DICOM node, C-STORE over {n} association{'s' if n > 1 else ''} (received + classified + logged) | "
               f"{res[f'node_{n}_assoc_per_s']:.1f} |")
-    print(f"\nall {2 * instances + 4} C-STOREs 0x0000 and logged with a result ({res['logged']}); "
-          f"xray-serve exit {res['server_exit']}")
+    for n in (1, 4):
+        print(f"| DICOM node + SR, C-STORE over {n} association{'s' if n > 1 else ''} (+ SR built, fsynced in the "
+              f"outbox) / until the last SR reached the PACS | {res[f'node_sr_{n}_assoc_per_s']:.1f} / "
+              f"{res[f'node_sr_{n}_assoc_delivered_per_s']:.1f} |")
+    print(f"\nall {2 * instances + 4} C-STOREs per server 0x0000 and logged with a result ({res['logged']}; with SRs "
+          f"{res['logged_sr']}); xray-serve exit {res['server_exit']} / {res['server_sr_exit']}")
     if json_path:
         Path(json_path).write_text(json.dumps(res, indent=2))
 
