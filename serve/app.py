@@ -1,4 +1,7 @@
-"""The app factory: FastAPI app + middleware + routes; the model's warm-up and the drain in the lifespan."""
+"""The app factory: FastAPI app + middleware + routes; the model's warm-up and the drain in the lifespan.
+
+A failed warm-up is logged in one line and recorded in `app.state.failed`; the CLI's server then stops and
+the process exits non-zero, instead of answering 503 on /health/ready forever."""
 from __future__ import annotations
 
 import asyncio
@@ -33,30 +36,51 @@ def create_app(model: EdgeModel, settings: Settings, node_settings=None) -> Fast
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        warm = asyncio.create_task(asyncio.to_thread(service.warm_up))  # live at once, ready after the warm-up
+        warm = asyncio.create_task(warm_up(service, app))  # live at once, ready after the warm-up
         try:
             yield
         finally:
-            if not warm.done():
-                await warm
+            warmed = await warm
             if node is not None:
                 await asyncio.to_thread(node.stop)  # its associations finish on the model worker first
-            await asyncio.to_thread(service.close)  # uvicorn has finished the in-flight requests by now
+            if warmed:  # else the model thread never started: nothing to drain
+                await asyncio.to_thread(service.close)  # uvicorn has finished the in-flight requests by now
             log.info("stopped")
 
     app = FastAPI(title="xray-edge", version="0.1.0", lifespan=lifespan,
                   description=f"Chest X-ray classification with {model.info.model_name} "
                               f"({model.info.precision}). {NOTICE}")
-    app.state.service, app.state.node = service, node
+    app.state.service, app.state.node, app.state.failed = service, node, None
     app.include_router(router)
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
+    add_middleware(app, settings, metrics)
+    return app
+
+
+def add_middleware(app: FastAPI, settings: Settings, metrics: Metrics):
+    """Outermost first: metrics (see every response), CORS, the key (checked before the body is read),
+    the body's limit and timeout. CORS sits outside the key and body checks so that a preflight needs no key
+    and their refusals (401, 413, 408) carry the CORS headers a browser needs to read them."""
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes,
+                       read_timeout_s=settings.read_timeout_s)
+    app.add_middleware(ApiKeyMiddleware, key=settings.api_key)
     if settings.allow_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.allow_origins), allow_methods=["GET", "POST"],
-                           allow_headers=["content-type", "x-api-key", "authorization", "x-filename"])
-    # added last = outermost: metrics see every response, the key is checked before the body is read
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
-    app.add_middleware(ApiKeyMiddleware, key=settings.api_key)
-    app.add_middleware(MetricsMiddleware, metrics=metrics)
-    return app
+                           allow_headers=["content-type", "x-api-key", "authorization", "x-filename"],
+                           expose_headers=["retry-after"])
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # added last = outermost
+
+
+async def warm_up(service: Service, app: FastAPI) -> bool:
+    """Service.warm_up in a thread; on failure one log line naming the cause (the traceback at debug level)
+    and app.state.failed set, for the server to stop on."""
+    try:
+        await asyncio.to_thread(service.warm_up)
+        return True
+    except Exception as e:
+        app.state.failed = f"{type(e).__name__}: {' '.join(str(e).split())[:500]}"
+        log.error("model warm-up failed, stopping: %s", app.state.failed)
+        log.debug("warm-up traceback", exc_info=e)
+        return False

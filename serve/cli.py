@@ -5,11 +5,12 @@ import logging
 import os
 import signal
 import sys
+import threading
 
 import click
 import uvicorn
 
-from xray.common.errors import XrayError, exit_on_user_error
+from xray.common.errors import EXIT_FAILURE, EXIT_OK, XrayError, exit_on_user_error
 from xray.common.imageio import DEFAULT_MAX_PIXELS
 
 from .dicom.options import dicom_options, node_settings_from
@@ -51,6 +52,8 @@ SIGTERM / Ctrl-C: stop accepting, finish the requests in flight, exit 0.
               help="Predict requests admitted at once; more get 503 with Retry-After.")
 @click.option("--max-upload-mb", type=click.FloatRange(min=0.001), default=64.0, show_default=True,
               help="Largest request body (413 above, refused before it is read).")
+@click.option("--read-timeout-s", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True,
+              help="A client that sends no body data for this long mid-upload gets 408 (its slot is freed).")
 @click.option("--max-files", type=click.IntRange(min=1), default=16, show_default=True,
               help="Most images in one multipart request.")
 @click.option("--max-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_PIXELS, show_default=True,
@@ -68,7 +71,7 @@ SIGTERM / Ctrl-C: stop accepting, finish the requests in flight, exit 0.
               show_default=True)
 @exit_on_user_error
 def main(model_path, precision, force_int8, host, port, api_key_file, max_batch, max_delay_ms, max_queue, max_upload_mb,
-         max_files, max_pixels, threads, decode_workers, ood_action, allow_origins, log_level, **dicom):
+         read_timeout_s, max_files, max_pixels, threads, decode_workers, ood_action, allow_origins, log_level, **dicom):
     """Serve chest X-ray classification over HTTP: a JSON API, Prometheus metrics and a web page."""
     from xray.infer.model import cpu_count, open_model
 
@@ -90,7 +93,7 @@ def main(model_path, precision, force_int8, host, port, api_key_file, max_batch,
     settings = Settings(max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue=max_queue,
                         max_upload_mb=max_upload_mb, max_files=max_files, max_pixels=max_pixels,
                         decode_workers=decode_workers or cpu_count(), ood_action=ood_action, api_key=api_key,
-                        allow_origins=tuple(allow_origins), model_reason=choice.reason)
+                        allow_origins=tuple(allow_origins), model_reason=choice.reason, read_timeout_s=read_timeout_s)
     node_settings = node_settings_from(host, **dicom)
     app = create_app(model, settings, node_settings)
     if app.state.node is not None:
@@ -105,7 +108,7 @@ def main(model_path, precision, force_int8, host, port, api_key_file, max_batch,
     server.run()
     if not server.started:
         raise XrayError(f"could not listen on {host}:{port} (in use, or not an address of this machine)")
-    sys.exit(0)
+    sys.exit(EXIT_FAILURE if app.state.failed else EXIT_OK)  # the failure's line is logged already
 
 
 def read_key(path: str | None) -> str | None:
@@ -125,9 +128,18 @@ class GracefulServer(uvicorn.Server):
 
     def handle_exit(self, sig, frame):
         self.config.app.state.service.draining = True
+        node = self.config.app.state.node
+        if node is not None:  # no new associations from now; those open finish in the lifespan's node.stop()
+            threading.Thread(target=node.stop_listening, name="xray-node-stop", daemon=True).start()
         if self.should_exit and sig == signal.SIGINT:
             self.force_exit = True  # a second Ctrl-C: stop now
         self.should_exit = True
+
+    async def on_tick(self, counter: int) -> bool:
+        """Also stop when the app gave up (a failed warm-up): better exit non-zero than stay unready forever."""
+        if self.config.app.state.failed:
+            self.should_exit = True
+        return await super().on_tick(counter)
 
 
 if __name__ == "__main__":

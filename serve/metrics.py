@@ -9,7 +9,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 # the paths that get their own label; anything else is "other" (no label per random URL)
 ROUTES = ("/", "/health/live", "/health/ready", "/v1/metadata", "/v1/predict", "/metrics", "/docs", "/openapi.json")
-STATUS_KINDS = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+STATUS_KINDS = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 408: "timeout",
                 413: "too_large", 415: "unsupported_media_type", 422: "bad_image", 503: "unavailable"}
 
 

@@ -1,11 +1,16 @@
-"""Pure ASGI middleware: request metrics, the API key, and the body-size limit.
+"""Pure ASGI middleware: request metrics, the API key, and the body's size limit and idle timeout.
 
-The body limit sits below the app, on `receive`, because uvicorn has none: a declared Content-Length over
+The body guards sit below the app, on `receive`, because uvicorn has neither: a declared Content-Length over
 the limit is refused before one byte of the body is read, and a streamed (chunked) body is cut off the
-moment it passes the limit. Either way the client gets 413 and the server never holds more than the limit.
+moment it passes the limit (413); a client that sends nothing for --read-timeout-s mid-body gets 408. Either
+way the server never holds more than the limit, and the handler's admission slot is freed as the error
+unwinds it. Both answers close the connection: the rest of that body will never be read.
+
+In the app these run inside CORS (app.py), so a browser can read their refusals (401, 413, 408).
 """
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import time
@@ -16,6 +21,7 @@ from .metrics import Metrics
 
 PUBLIC_PREFIXES = ("/health/", "/static/")  # no data there; the page asks for the key itself
 PUBLIC_PATHS = ("/", "/favicon.ico")
+CLOSE = {"Connection": "close"}  # after a refused body: that connection cannot carry another request
 
 
 async def send_json(send, status: int, detail: str, headers: dict | None = None):
@@ -81,8 +87,10 @@ class ApiKeyMiddleware:
 
 
 class BodyLimitMiddleware:
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    """The body's size limit (413) and its idle timeout between chunks (408)."""
+
+    def __init__(self, app, max_bytes: int, read_timeout_s: float = 30.0):
+        self.app, self.max_bytes, self.read_timeout_s = app, max_bytes, read_timeout_s
 
     def _too_large(self) -> str:
         return f"request body larger than the {self.max_bytes / 1024 / 1024:g} MB limit (--max-upload-mb)"
@@ -96,15 +104,25 @@ class BodyLimitMiddleware:
                 return await send_json(send, 400, "invalid Content-Length header")
             if int(declared) > self.max_bytes:
                 return await send_json(send, 413, self._too_large())
-        received = 0
+        received, body_done = 0, False
 
-        async def limited_receive():
-            nonlocal received
-            message = await receive()
+        async def guarded_receive():
+            nonlocal received, body_done
+            if body_done:  # after the body only http.disconnect can come: waiting for it is no stall
+                return await receive()
+            message = await self._next_chunk(receive)
             if message["type"] == "http.request":
+                body_done = not message.get("more_body", False)
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    raise HTTPException(413, self._too_large())
+                    raise HTTPException(413, self._too_large(), headers=CLOSE)
             return message
 
-        await self.app(scope, limited_receive, send)
+        await self.app(scope, guarded_receive, send)
+
+    async def _next_chunk(self, receive):
+        try:
+            return await asyncio.wait_for(receive(), self.read_timeout_s)
+        except asyncio.TimeoutError:
+            raise HTTPException(408, f"no request body data for {self.read_timeout_s:g} s (--read-timeout-s)",
+                                headers=CLOSE) from None

@@ -9,7 +9,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from .schemas import Health, Metadata, PredictResponse
+from .schemas import Health, Metadata, PredictResponse, Ready
 from .service import Service, Unavailable
 
 STATIC = package_files("xray.serve") / "static"
@@ -39,7 +39,7 @@ def live():
     return {"status": "live"}
 
 
-@router.get("/health/ready", response_model=Health, tags=["health"],
+@router.get("/health/ready", response_model=Ready, response_model_exclude_none=True, tags=["health"],
             responses={503: {"description": "loading the model, or shutting down"}})
 def ready(request: Request):
     """Ready for traffic: the model is loaded and one warm-up inference ran; 503 while loading or draining.

@@ -12,6 +12,9 @@ class Outbox(BaseModel):
 
 class Health(BaseModel):
     status: str
+
+
+class Ready(Health):
     outbox: Outbox | None = None  # with the DICOM node and --send-to
 
 

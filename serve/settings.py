@@ -12,6 +12,7 @@ class Settings:
     max_delay_ms: float = 0.0  # wait this long for more images; 0: batch only what queued while the model ran
     max_queue: int = 32  # requests admitted at once (decoding, waiting, running); the next gets 503
     max_upload_mb: float = 64.0  # request body limit (413 above)
+    read_timeout_s: float = 30.0  # longest wait for the next piece of a request body (408 after)
     max_files: int = 16  # images per multipart request
     max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb limit, checked from the header
     decode_workers: int = 2  # threads decoding uploads

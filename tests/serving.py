@@ -74,11 +74,17 @@ class Server:
         self.stop()
 
 
-def raw_http(port: int, head: str, body: bytes = b"", *, close_after_send: bool = False, timeout: float = 10) -> str:
-    """Send exactly these bytes (a request head and a partial or whole body) and return the response head
-    ('' when the server closed without answering). close_after_send: hang up at once, read nothing."""
+def raw_http(port: int, head: str, *body: bytes, gap_s: float = 0, close_after_send: bool = False,
+             timeout: float = 10) -> str:
+    """Send exactly these bytes (a request head, then the body's pieces gap_s apart: a partial or whole body)
+    and return the response head ('' when the server closed without answering within `timeout`).
+    close_after_send: hang up at once, read nothing."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        s.sendall(head.replace("\n", "\r\n").encode() + b"\r\n" + body)
+        s.sendall(head.replace("\n", "\r\n").encode() + b"\r\n")
+        for i, piece in enumerate(body):
+            if i:
+                time.sleep(gap_s)  # pacing the upload, not waiting for the server
+            s.sendall(piece)
         if close_after_send:
             return ""
         data = b""
@@ -91,3 +97,27 @@ def raw_http(port: int, head: str, body: bytes = b"", *, close_after_send: bool 
         except (ConnectionResetError, socket.timeout):
             pass
         return data.decode("latin-1")
+
+
+def wait_until(condition, timeout: float = 10, every: float = 0.05) -> bool:
+    """Poll `condition()` until it is true or `timeout` seconds pass; returns its last value (assert on it)."""
+    deadline = time.monotonic() + timeout
+    while not (ok := condition()) and time.monotonic() < deadline:
+        time.sleep(every)
+    return ok
+
+
+def listening_addresses(port: int) -> set[str]:
+    """The local addresses with a TCP socket listening on `port` (Linux: /proc/net/tcp, tcp6), IPv4 as
+    dotted quads, IPv6 as the kernel's hex."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        if not os.path.exists(table):
+            continue
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                address, _, hex_port = local.rpartition(":")
+                if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                    found.add(socket.inet_ntoa(bytes.fromhex(address)[::-1]) if len(address) == 8 else address)
+    return found

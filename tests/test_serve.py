@@ -1,8 +1,9 @@
 """xray-serve through real server processes on 127.0.0.1: endpoints, numbers equal to xray-infer's,
-limits and bad input, dynamic batching, the API key, CORS, SIGTERM."""
+limits and bad input, dynamic batching, the API key, CORS, SIGTERM, stalled uploads, a failed warm-up."""
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -12,7 +13,7 @@ import pytest
 import requests
 from conftest import run_command, xray_infer
 from PIL import Image
-from serving import SERVE, Server, raw_http
+from serving import SERVE, Server, listening_addresses, raw_http, wait_until
 from test_infer import MODES, png_bomb, radiograph, save_mode
 
 pytestmark = pytest.mark.slow
@@ -86,6 +87,23 @@ def test_help_and_bad_options_exit_with_one_line(tiny_onnx, tmp_path):
     empty.write_text("\n")
     proc = run_command([*SERVE, "--model", tiny_onnx[0], "--api-key-file", empty], check=False, timeout=60)
     assert proc.returncode == 2 and "API key file is empty" in proc.stderr
+
+
+def test_failed_warm_up_exits_non_zero_with_one_line(tiny_onnx, tmp_path):
+    """A model that loads but fails on its first run (here: an input fixed at batch 1, and the warm-up runs
+    --max-batch 16): one log line naming onnxruntime's reason and a non-zero exit, not a server that stays
+    unready forever."""
+    import onnx
+
+    model = onnx.load(str(tiny_onnx[0]))
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    batch1 = tmp_path / "batch1.onnx"
+    onnx.save(model, str(batch1))
+    proc = run_command([*SERVE, "--model", batch1, "--port", 0, "--max-batch", 16], check=False, timeout=90)
+    assert proc.returncode == 1, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if "warm-up failed" in line]
+    assert len(lines) == 1 and "ERROR" in lines[0] and "Expected: 1" in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr and "Exception in" not in proc.stderr, proc.stderr
 
 
 def test_serves_with_torch_unimportable(tiny_onnx, images):
@@ -241,6 +259,8 @@ def test_upload_limits_413_without_reading_the_body(server, images):
 
 
 def test_client_disconnecting_mid_upload_harms_nobody(server, images):
+    gone = 'xray_errors_total{kind="client_disconnected"}'
+    before = server.metrics().get(gone, 0)
     body = images["png8"].read_bytes()
     for _ in range(5):
         raw_http(server.port, f"POST /v1/predict HTTP/1.1\nHost: x\nContent-Type: image/png\n"
@@ -249,15 +269,39 @@ def test_client_disconnecting_mid_upload_harms_nobody(server, images):
                          "Content-Type: image/png", "", ""]).encode() + body[:3000]
     raw_http(server.port, "POST /v1/predict HTTP/1.1\nHost: x\nContent-Type: multipart/form-data; boundary=B\n"
                           f"Content-Length: {len(parts) + 100000}\n", parts, close_after_send=True)
-    deadline = time.monotonic() + 10
-    while server.metrics()["xray_requests_in_flight"] > 0 and time.monotonic() < deadline:
-        time.sleep(0.1)
+    # the counter, not the in-flight gauge: admit() frees the slot before the handler counts the disconnect
+    assert wait_until(lambda: server.metrics().get(gone, 0) >= before + 6), server.metrics().get(gone)
     m = server.metrics()
     assert m["xray_requests_in_flight"] == 0 and m["xray_queue_depth"] == 0  # nothing held for the gone clients
-    assert m['xray_errors_total{kind="client_disconnected"}'] >= 6
     r = predict(server, {"after.png": images["png8"]})
     assert r.status_code == 200 and r.json()["predictions"][0]["prediction"]
     assert "Traceback" not in server.output()
+
+
+def test_stalled_upload_gets_408_and_frees_its_slot(tiny_onnx, images):
+    """A client that stops sending mid-body gets 408 after --read-timeout-s, and its admission slot is free
+    again (--max-queue 1: the next request would get 503 if it were not); a slow but steady upload, each gap
+    under the timeout and the whole over it, is no stall."""
+    body = images["png8"].read_bytes()
+    raw_head = f"POST /v1/predict HTTP/1.1\nHost: x\nContent-Type: image/png\nContent-Length: {len(body)}\n"
+    part = "\r\n".join(["--B", 'Content-Disposition: form-data; name="file"; filename="a.png"',
+                         "Content-Type: image/png", "", ""]).encode() + body[:3000]
+    multipart_head = ("POST /v1/predict HTTP/1.1\nHost: x\nContent-Type: multipart/form-data; boundary=B\n"
+                      f"Content-Length: {len(part) + 100000}\n")
+    with Server("--model", tiny_onnx[0], "--read-timeout-s", 1, "--max-queue", 1) as s:
+        assert requests.get(s.url + "/v1/metadata").json()["limits"]["read_timeout_s"] == 1
+        for head, partial in ((raw_head, body[:2000]), (multipart_head, part)):
+            start = time.monotonic()
+            answer = raw_http(s.port, head, partial, timeout=30)  # part of the body, then silence
+            assert answer.startswith("HTTP/1.1 408"), answer
+            assert time.monotonic() - start >= 1 and "connection: close" in answer.lower()
+            assert s.metrics()["xray_requests_in_flight"] == 0  # freed before the 408 was sent
+            r = predict(s, {"after.png": images["png8"]})
+            assert r.status_code == 200, r.text
+        pieces = [body[k * len(body) // 5:(k + 1) * len(body) // 5] for k in range(5)]  # ~1.6 s in all
+        answer = raw_http(s.port, raw_head, *pieces, gap_s=0.4, timeout=30)
+        assert answer.startswith("HTTP/1.1 200"), answer
+    assert "Traceback" not in s.output()
 
 
 # ------------------------------------------------------------------------------------------ load
@@ -312,9 +356,7 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(tiny_onnx, images):
 
     worker = threading.Thread(target=slow_request)
     worker.start()
-    deadline = time.monotonic() + 10
-    while s.metrics()["xray_requests_in_flight"] < 1 and time.monotonic() < deadline:
-        time.sleep(0.005)
+    assert wait_until(lambda: s.metrics()["xray_requests_in_flight"] >= 1, every=0.005), "the request never arrived"
     assert s.stop() == 0, s.output()
     worker.join(30)
     assert result["r"].status_code == 200 and len(result["r"].json()["predictions"]) == 12
@@ -354,8 +396,35 @@ def test_api_key_guards_everything_but_health_and_the_page(tiny_onnx, images, tm
         assert requests.get(s.url + "/v1/metadata", headers={"X-API-Key": "from-env"}).status_code == 200
 
 
+def test_cors_preflight_and_refusals_with_an_api_key(tiny_onnx, tmp_path):
+    """With a key and --allow-origin, a browser's preflight needs no key, and the refusals (401, 413) carry
+    the CORS headers for the allowed origin (else the page cannot read why); other origins get none."""
+    key = tmp_path / "key.txt"
+    key.write_text("s3cret-key\n")
+    ward, evil = "http://ward.local", "http://evil.example"
+    allow = "access-control-allow-origin"
+    with Server("--model", tiny_onnx[0], "--api-key-file", key, "--allow-origin", ward, "--max-upload-mb", 1) as s:
+        ask = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "x-api-key, content-type"}
+        r = requests.options(s.url + "/v1/predict", headers={"Origin": ward, **ask})
+        assert r.status_code in (200, 204) and r.headers[allow] == ward, (r.status_code, r.text)
+        assert "x-api-key" in r.headers["access-control-allow-headers"].lower()
+        r = requests.options(s.url + "/v1/predict", headers={"Origin": evil, **ask})
+        assert r.status_code >= 400 and allow not in r.headers
+        for origin, allowed in ((ward, True), (evil, False)):
+            r = requests.get(s.url + "/v1/metadata", headers={"Origin": origin})
+            assert r.status_code == 401 and "API key" in r.json()["detail"]
+            assert r.headers.get(allow) == (origin if allowed else None), r.headers
+            head = raw_http(s.port, f"POST /v1/predict HTTP/1.1\nHost: x\nOrigin: {origin}\nX-API-Key: s3cret-key\n"
+                                    "Content-Type: image/png\nContent-Length: 2000000\n")  # over 1 MB, none sent
+            assert head.startswith("HTTP/1.1 413"), head
+            assert (f"{allow}: {origin}" in head.lower()) is allowed, head
+        r = requests.get(s.url + "/v1/metadata", headers={"Origin": ward, "X-API-Key": "s3cret-key"})
+        assert r.status_code == 200 and r.headers[allow] == ward
+
+
 def test_default_bind_is_loopback_and_no_cors(server):
-    assert server.url.startswith("http://127.0.0.1:")
+    if os.path.exists("/proc/net/tcp"):  # Linux: the listening socket itself, not the URL the helper built
+        assert listening_addresses(server.port) == {"127.0.0.1"}
     r = requests.get(server.url + "/v1/metadata", headers={"Origin": "http://evil.example"})
     assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
     page = requests.get(server.url + "/")
