@@ -130,8 +130,10 @@ def test_outbox_drops_half_written_results_and_keeps_whole_ones(tmp_path, dicoms
     half = tmp_path / "outbox" / ".tmp-0000000000001-deadbeef"
     half.mkdir()
     (half / "sr.dcm").write_bytes(b"DICM partial")
+    damaged = tmp_path / "outbox" / "0000000000002-0badf00d"  # not ours, or edited by hand: reported, never sent
+    damaged.mkdir()
     again = Outbox(tmp_path)
-    assert not half.exists()
+    assert not half.exists() and again.unreadable == [damaged] and damaged.exists()
     (resumed,) = again.entries()
     assert resumed.path == entry.path and resumed.sr_uid == entry.sr_uid == str(resumed.datasets()[0].SOPInstanceUID)
     kept = again.set_aside(resumed, "refused", status=0xA900, reason="test")
@@ -160,3 +162,27 @@ def test_patient_ids_hashed_with_a_key_or_omitted(tmp_path):
     assert PatientIdPolicy("hash", other).apply({"patient_id": "P001"}) != {"patient_id_hmac": hashed[0]["patient_id_hmac"]}
     with pytest.raises(XrayError, match="needs --patient-id-key"):
         PatientIdPolicy("hash")
+
+
+def test_node_beyond_loopback_without_allow_ae_warns(tiny_onnx, tmp_path):
+    """127.0.0.2 is not one of the loopback names the node trusts (it is still this machine): it warns that any
+    calling AE is accepted; with --allow-ae it does not."""
+    import subprocess
+
+    from serving import SERVE
+
+    def log_of(*extra) -> str:
+        log = tmp_path / f"serve{len(extra)}.log"
+        with open(log, "w") as f:
+            proc = subprocess.Popen([*SERVE, "--model", tiny_onnx[0], "--host", "127.0.0.2", "--port", "0",
+                                     "--dicom-port", "0", "--results", tmp_path / "r", *extra], stdout=f,
+                                    stderr=subprocess.STDOUT)
+        try:
+            wait_until(lambda: "Uvicorn running" in log.read_text() or proc.poll() is not None, 60, "the server")
+        finally:
+            proc.terminate()
+            proc.wait(30)
+        return log.read_text()
+
+    assert "accepts any calling AE title" in log_of()
+    assert "accepts any calling AE title" not in log_of("--allow-ae", "MODALITY")

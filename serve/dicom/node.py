@@ -138,6 +138,9 @@ class DicomNode:
         if s.host not in LOOPBACK and not s.allow_ae:
             log.warning("DICOM node on %s accepts any calling AE title: name the modalities and PACS with "
                         "--allow-ae AE (repeatable)", s.host)
+        for folder in self.outbox.unreadable if self.outbox else []:
+            log.warning("outbox: %s has no readable result.json: left in place, not sent", folder)
+            self.results.write("outbox_unreadable", folder=str(folder))
         if self.sender:
             self.sender.start()
         log.info("DICOM node %s listening on %s:%d (storage: CR, DX, SC; %d transfer syntaxes)%s", s.ae_title,

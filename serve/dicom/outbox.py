@@ -59,11 +59,14 @@ class Outbox:
         self.refused_dir, self.expired_dir = root / "refused", root / "expired"
         self._lock = threading.Lock()
         self._entries: list[Entry] = []
+        self.unreadable: list[Path] = []  # folders without a readable result.json: left alone, reported
         for leftover in self.pending_dir.glob(".tmp-*"):  # a crash mid-write: never acknowledged, so resent
             shutil.rmtree(leftover, ignore_errors=True)
         for folder in sorted(p for p in self.pending_dir.iterdir() if p.is_dir()):
             entry = self._read(folder)
-            if entry is not None:
+            if entry is None:
+                self.unreadable.append(folder)
+            else:
                 self._entries.append(entry)
 
     # ------------------------------------------------------------------ writing
