@@ -24,7 +24,43 @@ class XrayError(Exception):
 
 
 class ImageError(XrayError):
-    """An image that cannot be used: unreadable, corrupt, not an image, too large."""
+    """An image that cannot be used: unreadable, corrupt, not an image, too large.
+
+    `kind` is stable: xray-serve's error objects and its Prometheus labels carry it, so clients can act
+    on it without parsing the message. A plain ImageError (e.g. a file that cannot be read) is "not_an_image".
+    """
+
+    kind = "not_an_image"
+
+
+class EmptyImage(ImageError):
+    """A file or upload of 0 bytes."""
+
+    kind = "empty"
+
+
+class TooManyPixels(ImageError):
+    """Refused from the header before decoding: more pixels or decoded bytes than the limits allow."""
+
+    kind = "too_many_pixels"
+
+
+class CorruptImage(ImageError):
+    """A known image format whose data is truncated or damaged, or that the decoder chokes on."""
+
+    kind = "corrupt"
+
+
+class BadDicom(ImageError):
+    """A DICOM file whose header, pixel data or display transforms cannot be used."""
+
+    kind = "bad_dicom"
+
+
+class NotAnImage(ImageError):
+    """Bytes no decoder recognises as an image."""
+
+    kind = "not_an_image"
 
 
 def exit_on_user_error(func):

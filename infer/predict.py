@@ -10,6 +10,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import islice
+from typing import NamedTuple
 
 import numpy as np
 
@@ -26,6 +27,7 @@ class Result:
     path: str
     probs: np.ndarray | None = None  # float64, sums to 1
     error: str | None = None
+    error_kind: str | None = None  # ImageError.kind of the error (None for errors found before decoding)
     ood_score: float | None = None  # None: the model has no out-of-distribution guard
     ood: bool | None = None  # the score is above the model's threshold: not like the training data
     cam: np.ndarray | None = None  # classes x h x w, only when asked for (--heatmap)
@@ -38,12 +40,20 @@ def prepare(source: str | bytes, spec: ImageSpec, max_pixels: int = DEFAULT_MAX_
     return preprocess(load_image(source, draft_size=spec.resize_size, max_pixels=max_pixels, name=name), spec)
 
 
-def prepare_or_error(source, spec, max_pixels, name=None):
-    """prepare(), with an unusable image as (None, its one-line reason) instead of an exception."""
+class ImageFailure(NamedTuple):
+    """Why one image could not be used: ImageError's stable kind and its one-line message."""
+
+    kind: str
+    message: str
+
+
+def prepare_or_error(source, spec, max_pixels, name=None) -> tuple[np.ndarray | None, ImageFailure | None]:
+    """prepare(), with an unusable image as (None, ImageFailure) instead of an exception. The exception
+    itself is not kept: its traceback would hold the decoder's buffers while the batch waits."""
     try:
         return prepare(source, spec, max_pixels, name), None
     except ImageError as e:
-        return None, str(e)
+        return None, ImageFailure(e.kind, str(e))
 
 
 def predict_files(model: EdgeModel, paths: list[str], batch_size: int = 16, workers: int = 2,
@@ -79,13 +89,13 @@ def _chunks(paths, n):
 
 
 def _run(model: EdgeModel, batch, cam: bool = False):
-    """batch: [(path, array | None, error | None)] -> Results in the same order."""
+    """batch: [(path, array | None, ImageFailure | None)] -> Results in the same order."""
     ok = [i for i, (_, arr, _) in enumerate(batch) if arr is not None]
     out = model.predict(np.stack([batch[i][1] for i in ok]), cam=cam) if ok else None
     row = {i: k for k, i in enumerate(ok)}
     for i, (path, _, error) in enumerate(batch):
         if i not in row:
-            yield Result(path, error=error)
+            yield Result(path, error=error.message, error_kind=error.kind)
             continue
         k = row[i]
         yield Result(path, out.probs[k], ood_score=None if out.ood_score is None else float(out.ood_score[k]),

@@ -15,7 +15,7 @@ import onnxruntime as ort
 from xray.common.cpu import detect_cpu
 from xray.infer.formats import record
 from xray.infer.model import EdgeModel
-from xray.infer.predict import Result, prepare_or_error
+from xray.infer.predict import ImageFailure, Result, prepare_or_error
 
 from .batcher import Batcher
 from .metrics import Metrics
@@ -112,11 +112,11 @@ class Service:
                   "model_ms": round((time.perf_counter() - decoded) * 1e3, 2)}
         return self._record(name, row, error, None, ood_action), timing, None if row is None else row.cam
 
-    def _record(self, name: str, row, error: str | None, top_k: int | None, ood_action: str) -> dict:
-        if row is None:
+    def _record(self, name: str, row, error: ImageFailure | None, top_k: int | None, ood_action: str) -> dict:
+        if row is None:  # error.kind: ImageError's stable kind (common.errors), the label clients and metrics use
             self.metrics.images.labels("error").inc()
-            self.metrics.errors.labels(error_kind(error)).inc()
-            return {"file": name, "error": {"kind": error_kind(error), "message": error}}
+            self.metrics.errors.labels(error.kind).inc()
+            return {"file": name, "error": {"kind": error.kind, "message": error.message}}
         self.metrics.images.labels("classified").inc()
         if row.ood:
             self.metrics.images.labels("ood").inc()
@@ -132,19 +132,7 @@ class Service:
                 "chosen_because": s.model_reason, "onnxruntime": ort.__version__, "cpu_class": detect_cpu().cls,
                 "int8_cpu_classes": i.int8_cpu_classes or None,
                 "limits": {"max_upload_mb": s.max_upload_mb, "max_files": s.max_files, "max_pixels": s.max_pixels,
-                           "max_batch": s.max_batch, "max_delay_ms": s.max_delay_ms, "max_queue": s.max_queue},
+                           "max_batch": s.max_batch, "max_delay_ms": s.max_delay_ms, "max_queue": s.max_queue,
+                           "read_timeout_s": s.read_timeout_s},
                 "ood_action": s.ood_action, "notice": NOTICE}
 
-
-def error_kind(message: str) -> str:
-    """A stable machine-readable kind for common.imageio's one-line reasons."""
-    text = message.lower()
-    if "empty file" in text:
-        return "empty"
-    if "too large" in text or "decompression bomb" in text:
-        return "too_many_pixels"
-    if "truncated" in text or "corrupt" in text:
-        return "corrupt"
-    if "dicom" in text:
-        return "bad_dicom"
-    return "not_an_image"

@@ -89,6 +89,19 @@ def test_16bit_png_narrow_range_is_stretched_to_full_range(tmp_path):
     assert (out[:, :5] == 0).all() and (out[:, 5:] == 255).all()
 
 
+@pytest.mark.parametrize("dtype, offset", [("<u2", 0), (">u2", 0), ("<i4", 0), ("<i4", -70000), ("<f4", 0)])
+def test_wide_tiffs_are_stretched_exactly_as_in_float(tmp_path, dtype, offset):
+    """16-bit (both byte orders), 32-bit integer and float TIFFs: the table / strip paths give exactly the
+    float64 min..max stretch, whether the values fit in 16 bits or not."""
+    rng = np.random.default_rng(11)
+    arr = (rng.integers(300, 60000, size=(1100, 1000)) + offset).astype(dtype)  # > one strip of rows
+    p = tmp_path / "w.tif"
+    Image.fromarray(arr).save(p)
+    a = arr.astype(np.float64)
+    expected = np.rint((a - a.min()) * (255.0 / (a.max() - a.min()))).astype(np.uint8)
+    np.testing.assert_array_equal(np.asarray(load_image(p)), expected)
+
+
 def test_rgb_png(tmp_path):
     rgb = np.random.default_rng(1).integers(0, 256, size=(20, 30, 3), dtype=np.uint8)
     p = tmp_path / "c.png"

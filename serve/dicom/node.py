@@ -89,7 +89,7 @@ class NodeSettings:
     results_dir: Path = Path("xray-dicom-results")
     send_to: Destination | None = None
     max_pdu: int = 65536  # bytes per PDU this node receives
-    max_instance_mb: float = 256.0  # an association sending more for one instance is aborted
+    max_instance_mb: float = 64.0  # an association sending more for one instance is aborted (radiographs: 5-40 MB)
     max_associations: int = 8
     send_heatmap: bool = False  # also send the heatmap overlay as a Secondary Capture with each SR
     send_backoff_max_s: float = 60.0  # the sender's back-off doubles from 1 s up to this

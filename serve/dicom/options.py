@@ -16,7 +16,7 @@ _OPTIONS = [
     click.option("--results", "results_dir", type=click.Path(file_okay=False), default="xray-dicom-results",
                  show_default=True, help="Folder of the node's results.jsonl and of the reports' outbox (0700)."),
     click.option("--send-to", metavar="AE@HOST:PORT", help="Send a DICOM Structured Report per instance there."),
-    click.option("--max-instance-mb", type=click.FloatRange(min=0.001), default=256.0, show_default=True,
+    click.option("--max-instance-mb", type=click.FloatRange(min=0.001), default=64.0, show_default=True,
                  help="An association sending a larger instance is aborted."),
     click.option("--send-heatmap", is_flag=True,
                  help="With --send-to: also send the heatmap overlay as a Secondary Capture (models with heatmaps)."),
