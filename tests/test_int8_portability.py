@@ -4,6 +4,7 @@ onnxruntime's unfused reference natively and under `qemu-x86_64 -cpu Haswell` (A
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shutil
 import subprocess
@@ -35,8 +36,10 @@ SERVE = [sys.executable, "-c", "from xray.serve.cli import main; main(prog_name=
 
 
 def emulated(cpu: str, cmd: list, timeout=300) -> subprocess.CompletedProcess:
-    """cmd (a Python command line) under qemu-x86_64 -cpu CPU."""
-    return subprocess.run([QEMU, "-cpu", cpu, *map(str, cmd)], capture_output=True, text=True, timeout=timeout)
+    """cmd (a Python command line) under qemu-x86_64 -cpu CPU. numpy's OpenBLAS picks an AVX kernel at load
+    under qemu's Nehalem model (an illegal instruction there): OPENBLAS_CORETYPE names the core it must use."""
+    env = {**os.environ, "OPENBLAS_CORETYPE": cpu} if cpu == "Nehalem" else None
+    return subprocess.run([QEMU, "-cpu", cpu, *map(str, cmd)], capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def error_lines(proc) -> list[str]:
