@@ -63,6 +63,12 @@ class NotAnImage(ImageError):
     kind = "not_an_image"
 
 
+def one_line(e: BaseException, limit: int = 200) -> str:
+    """A library's exception as one short line (pydicom's and PIL's messages may span lines)."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def exit_on_user_error(func):
     """Wrap a CLI entry point: XrayError -> 'error: <message>' on stderr and its exit code."""
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont, ImageOps
 
-from .imageio import to_gray8
+from .gray8 import to_gray8
 
 TRANSFORMED = ("inverted", "rotated_90", "heavy_blur", "corner_crop", "tiny_downscale")
 GENERATED = ("noise", "flat_grey", "gradient", "checkerboard", "text")

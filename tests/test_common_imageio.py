@@ -413,7 +413,7 @@ def test_dicom_max_pixels(rg1):
 
 
 def test_library_errors_become_one_short_line():
-    from xray.common.imageio import _reason
+    from xray.common.errors import one_line as _reason
 
     assert _reason(ValueError("plugins failed:\n  pillow: bad marker\n  other: nope")) == \
         "plugins failed: pillow: bad marker other: nope"

@@ -104,15 +104,16 @@ def test_each_failure_is_its_typed_error_and_prepare_or_error_carries_the_kind(c
 
 def test_a_decoders_unexpected_exception_is_that_images_error(monkeypatch):
     """Inside the DICOM or the PIL path, whatever a library raises becomes the image's typed one-line error."""
-    import xray.common.imageio as imageio
+    import xray.common.dicom_decode as dicom_decode
+    import xray.common.gray8 as gray8
 
     def boom(*args, **kwargs):
         raise ZeroDivisionError("somewhere deep\nin a decoder")
 
-    monkeypatch.setattr(imageio, "_grey_display", boom)
+    monkeypatch.setattr(dicom_decode, "_grey_display", boom)
     with pytest.raises(BadDicom, match=r"^x\.dcm: cannot decode \(ZeroDivisionError: somewhere deep in a decoder\)$"):
         gray(dicom_bytes(sc_header(8, 8), bytes(128)))
-    monkeypatch.setattr(imageio, "_wide_to_gray8", boom)
+    monkeypatch.setattr(gray8, "wide_to_gray8", boom)
     with pytest.raises(CorruptImage, match=r"^x\.png: corrupt or truncated image \(somewhere deep in a decoder\)$"):
         gray(png_bytes(noise((8, 8), dtype=np.uint16, high=4000)), name="x.png")
 
