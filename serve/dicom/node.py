@@ -29,6 +29,8 @@ from pynetdicom.sop_class import (ComputedRadiographyImageStorage, DigitalXRayIm
                                   MultiFrameGrayscaleWordSecondaryCaptureImageStorage, SecondaryCaptureImageStorage,
                                   Verification)
 
+from xray.common.errors import one_line
+
 from . import pdu_limit
 from .outbox import Outbox
 from .reports import build_reports, model_identity
@@ -234,7 +236,7 @@ class DicomNode:
             ds.file_meta = event.file_meta
             ids.update(identifiers(ds))
         except Exception as e:  # the only case for "cannot understand": the dataset does not parse
-            self.results.write("instance", status="error", reason=f"cannot read the dataset ({_one_line(e)})", **ids)
+            self.results.write("instance", status="error", reason=f"cannot read the dataset ({one_line(e)})", **ids)
             return STATUS_CANNOT_UNDERSTAND
         reason = not_for_the_model(ds)
         if reason:
@@ -251,7 +253,7 @@ class DicomNode:
             return self._classify_and_keep(event, ds, ids, start)
         except Exception as e:  # onnxruntime, a full disk: transient for the sender, which resends on 0xA7xx
             log.exception("C-STORE of %s failed", ids.get("sop_instance_uid"))
-            self.results.write("instance", status="deferred", reason=f"internal error ({_one_line(e)}): answered "
+            self.results.write("instance", status="deferred", reason=f"internal error ({one_line(e)}): answered "
                                                                      "0xA700, to be resent", **ids)
             return STATUS_OUT_OF_RESOURCES
         finally:
@@ -280,7 +282,7 @@ class DicomNode:
         except Exception as e:  # a bug: logged loudly, the instance is not lost from the log
             log.exception("building the report of %s failed", ids["sop_instance_uid"])
             self.results.write("instance", status=status, **ids, **fields, model=self.model_fields, timing=timing)
-            self.results.write("sr_not_built", sop_instance_uid=ids["sop_instance_uid"], reason=_one_line(e))
+            self.results.write("sr_not_built", sop_instance_uid=ids["sop_instance_uid"], reason=one_line(e))
             return STATUS_OK
         entry = self.outbox.put(ids["sop_instance_uid"], objects)  # on disk before the acknowledgement
         self.results.write("instance", status=status, **ids, **fields, model=self.model_fields, timing=timing,
@@ -319,6 +321,3 @@ def _calling_assoc(assoc) -> str:
     except AttributeError:
         return ""
 
-
-def _one_line(e: Exception) -> str:
-    return " ".join(str(e).split())[:200] or type(e).__name__
