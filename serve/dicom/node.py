@@ -117,7 +117,7 @@ class DicomNode:
             service.metrics.outbox_oldest.set_function(self.outbox.oldest_age_s)
         self._received: dict[int, int] = {}  # association id -> bytes received since its last C-STORE
         self._in_flight, self._lock = 0, threading.Lock()
-        self._server = None
+        self._server, self._listening = None, False
 
     # ------------------------------------------------------------------ lifecycle
     def start(self):
@@ -136,6 +136,7 @@ class DicomNode:
                     (evt.EVT_REJECTED, self._on_rejected), (evt.EVT_DATA_RECV, self._on_data),
                     (evt.EVT_ABORTED, self._on_aborted)]
         self._server = ae.start_server((s.host, s.port), block=False, evt_handlers=handlers)
+        self._listening = True
         self.port = self._server.server_address[1]
         if s.host not in LOOPBACK and not s.allow_ae:
             log.warning("DICOM node on %s accepts any calling AE title: name the modalities and PACS with "
@@ -152,9 +153,11 @@ class DicomNode:
                            outbox_backlog=self.outbox.backlog() if self.outbox else None)
 
     def stop_listening(self):
-        """No new associations (SIGTERM); those in progress go on until stop()."""
-        if self._server is not None and not getattr(self, "_closed", False):
-            self._closed = True
+        """No new associations (SIGTERM); those in progress go on until stop(). Called from the signal's thread
+        and from stop(): only the first call shuts the server down."""
+        with self._lock:
+            listening, self._listening = self._listening, False
+        if listening:
             self._server.shutdown()
 
     def stop(self):
