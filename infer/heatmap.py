@@ -35,14 +35,28 @@ def input_region(size: tuple[int, int], spec: ImageSpec) -> tuple[int, int, int,
     return round(left), round(top), round(left + side), round(top + side)
 
 
+def heat(size: tuple[int, int], cam: np.ndarray, spec: ImageSpec) -> np.ndarray:
+    """One class's map (h x w; ReLU'd and scaled to [0, 1] here) over an image of `size` (w, h): H x W float32,
+    0 outside the region the model saw."""
+    cam = np.maximum(np.asarray(cam, np.float32), 0)
+    cam = cam / cam.max() if cam.max() > 0 else cam
+    box = input_region(size, spec)
+    canvas = Image.new("F", size, 0.0)  # paste clips what falls outside the image
+    canvas.paste(Image.fromarray(cam, "F").resize((box[2] - box[0], box[3] - box[1]), Image.Resampling.BILINEAR), box[:2])
+    return np.asarray(canvas)
+
+
+def heat_layer(size: tuple[int, int], cam: np.ndarray, spec: ImageSpec) -> Image.Image:
+    """The map alone as an RGBA layer of `size`: the colour ramp, opaque where the model looked hardest (up to
+    ALPHA), clear elsewhere, for a viewer to lay over the image and fade. No caption: the viewer names the class."""
+    full = heat(size, cam, spec)
+    rgba = np.dstack([jet(full), np.rint(255 * ALPHA * full).astype(np.uint8)])
+    return Image.fromarray(rgba, "RGBA")
+
+
 def overlay(image: Image.Image, cam: np.ndarray, spec: ImageSpec, caption: str) -> Image.Image:
     """image: 8-bit grayscale original; cam: h x w map of one class (ReLU'd and scaled to [0, 1] here)."""
-    heat = np.maximum(np.asarray(cam, np.float32), 0)
-    heat = heat / heat.max() if heat.max() > 0 else heat
-    box = input_region(image.size, spec)
-    canvas = Image.new("F", image.size, 0.0)  # paste clips what falls outside the image
-    canvas.paste(Image.fromarray(heat, "F").resize((box[2] - box[0], box[3] - box[1]), Image.Resampling.BILINEAR), box[:2])
-    full = np.asarray(canvas)
+    full = heat(image.size, cam, spec)
     gray = np.asarray(image.convert("RGB"), np.float32)
     a = (ALPHA * full)[..., None]
     out = Image.fromarray((gray * (1 - a) + jet(full).astype(np.float32) * a).astype(np.uint8), "RGB")

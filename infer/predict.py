@@ -13,6 +13,7 @@ from itertools import islice
 from typing import NamedTuple
 
 import numpy as np
+from PIL import Image
 
 from xray.common.errors import ImageError
 from xray.common.image_spec import ImageSpec
@@ -47,13 +48,20 @@ class ImageFailure(NamedTuple):
     message: str
 
 
-def prepare_or_error(source, spec, max_pixels, name=None) -> tuple[np.ndarray | None, ImageFailure | None]:
-    """prepare(), with an unusable image as (None, ImageFailure) instead of an exception. The exception
-    itself is not kept: its traceback would hold the decoder's buffers while the batch waits."""
+def decode_or_error(source, spec, max_pixels, name=None) -> tuple[Image.Image | None, ImageFailure | None]:
+    """load_image() as prepare() calls it, with an unusable image as (None, ImageFailure) instead of an
+    exception. The exception itself is not kept: its traceback would hold the decoder's buffers while the
+    batch waits."""
     try:
-        return prepare(source, spec, max_pixels, name), None
+        return load_image(source, draft_size=spec.resize_size, max_pixels=max_pixels, name=name), None
     except ImageError as e:
         return None, ImageFailure(e.kind, str(e))
+
+
+def prepare_or_error(source, spec, max_pixels, name=None) -> tuple[np.ndarray | None, ImageFailure | None]:
+    """prepare(), with an unusable image as (None, ImageFailure) instead of an exception."""
+    image, failure = decode_or_error(source, spec, max_pixels, name)
+    return (None, failure) if image is None else (preprocess(image, spec), None)
 
 
 def predict_files(model: EdgeModel, paths: list[str], batch_size: int = 16, workers: int = 2,

@@ -58,8 +58,8 @@ class Batcher:
         self._queue.put((image, future, cam))
         return future
 
-    async def predict(self, images: list[np.ndarray]) -> list[Row]:
-        return list(await asyncio.gather(*(asyncio.wrap_future(self.submit(image)) for image in images)))
+    async def predict(self, images: list[np.ndarray], cam: bool = False) -> list[Row]:
+        return list(await asyncio.gather(*(asyncio.wrap_future(self.submit(image, cam)) for image in images)))
 
     def run_now(self, images: list[np.ndarray]) -> list[Row]:
         """Synchronous batch on the caller's thread (the warm-up, before the model thread starts)."""

@@ -11,6 +11,7 @@ from starlette.requests import ClientDisconnect
 
 from .schemas import Health, Metadata, PredictResponse, Ready
 from .service import Service, Unavailable
+from .views import Views
 
 STATIC = package_files("xray.serve") / "static"
 # a raw body's Content-Type -> the file name extension decoding sees (DICOM is also told by its magic)
@@ -58,19 +59,28 @@ def metadata(request: Request):
 
 
 @router.post("/v1/predict", response_model=PredictResponse, tags=["model"], openapi_extra={"requestBody": PREDICT_BODY},
-             responses={413: {"description": "body over --max-upload-mb, or more than --max-files files"},
+             responses={400: {"description": "heatmap=true for a model without heatmaps, or an unknown "
+                                             "heatmap_class"},
+                        413: {"description": "body over --max-upload-mb, or more than --max-files files"},
                         422: {"description": "no image could be decoded (each error has a one-line reason)"},
                         503: {"description": "queue full, loading or shutting down (see Retry-After)"}})
 async def predict(request: Request, top_k: int | None = Query(None, ge=1, description="Also list the k most "
                   "probable classes"), ood_action: str | None = Query(None, pattern="^(flag|abstain)$",
-                  description="Images the guard flags: flag (default) or abstain (prediction OUT_OF_DISTRIBUTION)")):
+                  description="Images the guard flags: flag (default) or abstain (prediction OUT_OF_DISTRIBUTION)"),
+                  preview: bool = Query(False, description="Add each image as decoded (DICOM rescale / VOI / "
+                                        "inversion applied, longest side <= 1024) as a data:image/jpeg URL"),
+                  heatmap: bool = Query(False, description="Add the class activation map as a transparent "
+                                        "data:image/png layer of the preview's size (models with heatmaps)"),
+                  heatmap_class: str | None = Query(None, description="The class the heatmap shows (default: "
+                                                    "the predicted one; an abstained image gets none without it)")):
     """Classify one or more chest X-ray images (every format xray-infer reads, DICOM included)."""
     s = service(request)
+    views = requested_views(s, preview, heatmap, heatmap_class)
     try:
         with s.admit():
             files = await read_uploads(request, s.settings.max_files)
             records = await s.classify(files, min(top_k, len(s.model.info.classes)) if top_k else None,
-                                       ood_action or s.settings.ood_action)
+                                       ood_action or s.settings.ood_action, views)
     except Unavailable as e:
         return JSONResponse({"detail": str(e)}, status_code=503, headers={"Retry-After": str(e.retry_after)})
     except ClientDisconnect:  # the client went away mid-upload: nobody to answer, nothing held
@@ -84,6 +94,19 @@ async def predict(request: Request, top_k: int | None = Query(None, ge=1, descri
         body["detail"] = first if len(records) == 1 else f"none of the {len(records)} images could be used ({first})"
         return JSONResponse(body, status_code=422)
     return JSONResponse(body)
+
+
+def requested_views(s: Service, preview: bool, heatmap: bool, heatmap_class: str | None) -> Views:
+    """The query's views, or 400 before the body is read when the model cannot draw them."""
+    classes = list(s.model.info.classes)
+    if (heatmap or heatmap_class) and not s.model.has_cam:
+        raise HTTPException(400, f"this model ({s.model.path.name}) has no heatmaps: re-export it with a current "
+                                 "xray-export, or leave out heatmap")
+    if heatmap_class is not None and heatmap_class not in classes:
+        raise HTTPException(400, f"heatmap_class {heatmap_class!r} is not one of the model's classes: "
+                                 f"{', '.join(classes)}")
+    return Views(preview, heatmap or heatmap_class is not None,
+                 None if heatmap_class is None else classes.index(heatmap_class))
 
 
 async def read_uploads(request: Request, max_files: int) -> list[tuple[str, bytes]]:

@@ -32,6 +32,9 @@ class Prediction(BaseModel):
     ood: bool | None = None  # models with the out-of-distribution guard
     ood_score: float | None = None
     reason: str | None = None  # why a flagged image is not to be trusted
+    preview: str | None = None  # ?preview=true: data:image/jpeg URL of the decoded image (longest side <= 1024)
+    heatmap: str | None = None  # ?heatmap=true: data:image/png URL, a transparent layer of the preview's size
+    heatmap_class: str | None = None  # the class the heatmap shows
     error: ImageError | None = None  # instead of the fields above when this image failed
 
 

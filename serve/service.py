@@ -13,13 +13,15 @@ import numpy as np
 import onnxruntime as ort
 
 from xray.common.cpu import detect_cpu
+from xray.common.preprocess import preprocess
 from xray.infer.formats import record
 from xray.infer.model import EdgeModel
-from xray.infer.predict import ImageFailure, Result, prepare_or_error
+from xray.infer.predict import ImageFailure, Result, decode_or_error
 
 from .batcher import Batcher
 from .metrics import Metrics
 from .settings import Settings
+from .views import Views, render, shrink
 
 log = logging.getLogger("xray.serve")
 NOTICE = "Research use only. Not a medical device: not for diagnosis or treatment decisions."
@@ -84,28 +86,42 @@ class Service:
             self.in_flight -= 1
 
     # ------------------------------------------------------------------ work
-    def _prepare(self, data: bytes, name: str):
+    def _prepare(self, data: bytes, name: str, keep_image: bool = False):
+        """(model input, None, the decoded image shrunk for a preview when keep_image) or (None, failure, None)."""
         start = time.perf_counter()
         try:
-            return prepare_or_error(data, self.model.info.spec, self.settings.max_pixels, name)
+            spec = self.model.info.spec
+            image, failure = decode_or_error(data, spec, self.settings.max_pixels, name)
+            if image is None:
+                return None, failure, None
+            return preprocess(image, spec), None, shrink(image) if keep_image else None
         finally:
             self.metrics.decode.observe(time.perf_counter() - start)
 
-    async def classify(self, files: list[tuple[str, bytes]], top_k: int | None, ood_action: str) -> list[dict]:
-        """[(file name, bytes)] -> one record per file, in order; a file that fails gets an error object."""
+    async def classify(self, files: list[tuple[str, bytes]], top_k: int | None, ood_action: str,
+                       views: Views = Views()) -> list[dict]:
+        """[(file name, bytes)] -> one record per file, in order; a file that fails gets an error object.
+        views: also the preview and / or heatmap of each image (serve.views)."""
         loop = asyncio.get_running_loop()
-        prepared = await asyncio.gather(*(loop.run_in_executor(self.pool, self._prepare, data, name)
+        prepared = await asyncio.gather(*(loop.run_in_executor(self.pool, self._prepare, data, name, views.wanted)
                                           for name, data in files))
-        ok = [i for i, (array, _) in enumerate(prepared) if array is not None]
-        rows = dict(zip(ok, await self.batcher.predict([prepared[i][0] for i in ok]))) if ok else {}
-        return [self._record(name, rows.get(i), prepared[i][1], top_k, ood_action) for i, (name, _) in enumerate(files)]
+        ok = [i for i, (array, _, _) in enumerate(prepared) if array is not None]
+        rows = dict(zip(ok, await self.batcher.predict([prepared[i][0] for i in ok], cam=views.heatmap))) if ok else {}
+        records = [self._record(name, rows.get(i), prepared[i][1], top_k, ood_action) for i, (name, _) in enumerate(files)]
+        if views.wanted:
+            classes, spec = list(self.model.info.classes), self.model.info.spec
+            drawn = await asyncio.gather(*(loop.run_in_executor(self.pool, render, prepared[i][2], views, records[i],
+                                                                rows[i].cam, classes, spec) for i in ok))
+            for i, fields in zip(ok, drawn):
+                records[i].update(fields)
+        return records
 
     def classify_blocking(self, data: bytes, name: str, ood_action: str = "abstain",
                           cam: bool = False) -> tuple[dict, dict, np.ndarray | None]:
         """One file from a non-async caller (the DICOM node's association threads): the same decode pool,
         batcher and record. Returns (record, timing in ms, class activation maps when asked and present)."""
         start = time.perf_counter()
-        array, error = self.pool.submit(self._prepare, data, name).result()
+        array, error, _ = self.pool.submit(self._prepare, data, name).result()
         decoded = time.perf_counter()
         row = self.batcher.submit(array, cam=cam).result() if array is not None else None
         timing = {"decode_ms": round((decoded - start) * 1e3, 2),

@@ -99,6 +99,28 @@ def tiny_onnx(tmp_path_factory):
     return path, model, spec, classes
 
 
+@pytest.fixture(scope="session")
+def cam_onnx(tiny_onnx, tmp_path_factory):
+    """tiny_onnx's model with the class activation map output (xray-export's EdgeGraph) and no OOD guard: a model
+    the node draws heatmaps with, in seconds instead of the trained run's minutes."""
+    import torch
+
+    from xray.common.model_meta import ModelInfo
+    from xray.export.edge_graph import OUTPUT_NAMES, EdgeGraph
+    from xray.export.onnx_export import export_onnx, set_metadata
+
+    _, model, spec, classes = tiny_onnx
+
+    class NoGuard(torch.nn.Module):  # an ood_score output, but no threshold in the metadata: no guard
+        def forward(self, pooled, raw):
+            return raw.new_zeros(raw.shape[0])
+
+    path = tmp_path_factory.mktemp("cam_onnx") / "model.onnx"
+    export_onnx(EdgeGraph(model, NoGuard()), spec, path, output_names=OUTPUT_NAMES)
+    set_metadata(path, ModelInfo(classes, spec, "efficientnet_lite0", precision="fp32").to_metadata())
+    return path
+
+
 def backbone_block_of(model) -> dict:
     """state-dict key -> backbone block index."""
     out = {}

@@ -74,28 +74,6 @@ def sources(tmp_path_factory):
     }
 
 
-@pytest.fixture(scope="module")
-def cam_onnx(tiny_onnx, tmp_path_factory):
-    """tiny_onnx's model with the class activation map output (xray-export's EdgeGraph) and no OOD guard: a model
-    the node draws heatmaps with, in seconds instead of the trained run's minutes."""
-    import torch
-
-    from xray.common.model_meta import ModelInfo
-    from xray.export.edge_graph import OUTPUT_NAMES, EdgeGraph
-    from xray.export.onnx_export import export_onnx, set_metadata
-
-    _, model, spec, classes = tiny_onnx
-
-    class NoGuard(torch.nn.Module):  # an ood_score output, but no threshold in the metadata: no guard
-        def forward(self, pooled, raw):
-            return raw.new_zeros(raw.shape[0])
-
-    path = tmp_path_factory.mktemp("cam_onnx") / "model.onnx"
-    export_onnx(EdgeGraph(model, NoGuard()), spec, path, output_names=OUTPUT_NAMES)
-    set_metadata(path, ModelInfo(classes, spec, "efficientnet_lite0", precision="fp32").to_metadata())
-    return path
-
-
 # ---------------------------------------------------------------------------------------------------- 1. Orthanc
 def test_orthanc_pushes_four_kinds_of_chest_image_and_files_every_report_in_its_study(tiny_onnx, sources, tmp_path):
     out = tmp_path / "results"
