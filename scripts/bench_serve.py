@@ -166,8 +166,10 @@ def batch_delta(before: dict, after: dict) -> dict:
             "images_classified": int(after["classified"] - before["classified"])}
 
 
-def load(port: int, files: list[Path], clients: int, requests: int, max_seconds: float, tag: str) -> dict:
-    """`requests` POSTs from `clients` threads with keep-alive connections; stops at the deadline too."""
+def load(port: int, files: list[Path], clients: int, requests: int, max_seconds: float, tag: str,
+         query: str = "") -> dict:
+    """`requests` POSTs from `clients` threads with keep-alive connections; stops at the deadline too.
+    query: e.g. "?preview=true&heatmap=true" (the clinician's views)."""
     bodies = [(f.name, f.read_bytes()) for f in files]
     lock, next_i, deadline = threading.Lock(), [0], time.monotonic() + max_seconds
     latencies, errors = [], []
@@ -184,7 +186,7 @@ def load(port: int, files: list[Path], clients: int, requests: int, max_seconds:
             name = f"{tag}-{i:05d}-{name}"  # unique: an answer meant for another request is caught
             t0 = time.perf_counter()
             try:
-                conn.request("POST", "/v1/predict", body, {"Content-Type": "image/jpeg", "X-Filename": name})
+                conn.request("POST", "/v1/predict" + query, body, {"Content-Type": "image/jpeg", "X-Filename": name})
                 r = conn.getresponse()
                 status, data = r.status, r.read()
                 reason = check_answer(status, data, name)
@@ -271,6 +273,15 @@ def report(res: dict):
           f"({res['requests_total']} requests)\n\nGoals (reported, never fail the script):")
     for g in res["goals"]:
         print(f"- {'PASS' if g['pass'] else 'FAIL'} {g['goal']}: {g['measured']}")
+    by = {p["clients"]: p for p in res["phases"]}
+    for v in res.get("views", []):
+        plain = by[v["clients"]]
+        print(f"views ({VIEWS_QUERY}) at {v['clients']} client(s): p50 {v['p50_ms']:.1f} ms vs {plain['p50_ms']:.1f} "
+              f"({v['p50_ms'] - plain['p50_ms']:+.1f} ms), {v['images_per_s']:.1f} vs {plain['images_per_s']:.1f} img/s, "
+              f"{v['errors'] + v['lost']} failed")
+
+
+VIEWS_QUERY = "?preview=true&heatmap=true"
 
 
 def goals(res: dict) -> list[dict]:
@@ -295,6 +306,11 @@ def goals(res: dict) -> list[dict]:
     out.append(("RSS growth <= 10 MB (after the warm-up -> after all requests)", growth <= 10,
                 f"{growth:+.1f} MB (from ready: {rss['after'] - rss['ready']:+.1f} MB)"))
     out.append(("server exits 0 on SIGTERM", res["server_exit"] == 0, f"exit code {res['server_exit']}"))
+    for v in res.get("views", []):
+        if v["clients"] == 1:
+            added = v["p50_ms"] - by[1]["p50_ms"]
+            out.append(("preview + heatmap add <= 25 ms p50 at 1 client", added <= 25 and v["errors"] + v["lost"] == 0,
+                        f"{added:+.1f} ms ({v['p50_ms']:.1f} vs {by[1]['p50_ms']:.1f})"))
     return [{"goal": g, "pass": bool(ok), "measured": m} for g, ok, m in out]
 
 
@@ -312,9 +328,11 @@ def goals(res: dict) -> list[dict]:
 @click.option("--max-seconds", default=120.0, show_default=True, help="Wall-clock limit of each phase.")
 @click.option("--ready-timeout", default=60.0, show_default=True)
 @click.option("--server-arg", "server_args", multiple=True, help="Extra xray-serve option (repeatable).")
+@click.option("--views/--no-views", default=True, show_default=True,
+              help="Also run 1 and 16 clients with ?preview=true&heatmap=true (models with heatmaps).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write the figures here.")
 def main(model, files, clients, requests_per_phase, rss_requests, warmup, infer_repeats, max_seconds, ready_timeout,
-         server_args, json_out):
+         server_args, views, json_out):
     """xray-serve throughput, latency, batching, errors and RSS vs xray-infer on the same JPEGs."""
     counts = [int(c) for c in clients.split(",") if c.strip().isdigit() and int(c) > 0]
     if not counts:
@@ -349,6 +367,9 @@ def main(model, files, clients, requests_per_phase, rss_requests, warmup, infer_
                 res["phases"].append(phase)
                 print(f"  {c} clients: {phase['answered']}/{n} answered in {phase['elapsed_s']:.1f} s", flush=True)
             res["requests_total"] = sum(p["planned"] for p in res["phases"])
+            if views and meta.get("heatmaps"):  # the same load with both views on: their added cost
+                res["views"] = [load(port, jpegs, c, requests_per_phase, max_seconds, f"v{c}", VIEWS_QUERY)
+                                for c in counts if c in (1, 16)]
     res["goals"] = goals(res)
     report(res)
     if json_out:
