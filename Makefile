@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile | $(PY)
 	$(PY) -m pip install --quiet -e '.[train,dicom,serve,dev]'
 	# wheels of the edge install, so the no-torch venv test runs offline
 	$(PY) -m pip download --quiet --only-binary=:all: -d $(VENV)/edge-wheels onnxruntime numpy pillow click \
-		fastapi uvicorn python-multipart prometheus-client httptools uvloop
+		fastapi uvicorn python-multipart prometheus-client httptools uvloop fastapi-offline
 	touch $(STAMP)
 
 # Debian tools only the tests use (make demo does not wait for them):

@@ -15,7 +15,7 @@ from xray.infer.model import EdgeModel
 
 from .metrics import Metrics
 from .middleware import ApiKeyMiddleware, BodyLimitMiddleware, MetricsMiddleware
-from .routes import STATIC, router
+from .routes import STATIC, SWAGGER_UI, router
 from .service import NOTICE, Service
 from .settings import Settings
 
@@ -47,12 +47,14 @@ def create_app(model: EdgeModel, settings: Settings, node_settings=None) -> Fast
                 await asyncio.to_thread(service.close)  # uvicorn has finished the in-flight requests by now
             log.info("stopped")
 
-    app = FastAPI(title="xray-edge", version="0.1.0", lifespan=lifespan,
+    # /docs is served from the package (fastapi-offline's Swagger UI files), not a CDN: it works on an offline ward PC
+    app = FastAPI(title="xray-edge", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description=f"Chest X-ray classification with {model.info.model_name} "
                               f"({model.info.precision}). {NOTICE}")
     app.state.service, app.state.node, app.state.failed = service, node, None
     app.include_router(router)
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
+    app.mount("/docs/static", StaticFiles(directory=str(SWAGGER_UI)), name="docs-static")
     add_middleware(app, settings, metrics)
     return app
 

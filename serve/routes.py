@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 from importlib.resources import files as package_files
+from pathlib import Path
+
+import fastapi_offline
 
 from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -14,6 +18,7 @@ from .service import Service, Unavailable
 from .views import Views
 
 STATIC = package_files("xray.serve") / "static"
+SWAGGER_UI = Path(fastapi_offline.__file__).parent / "static"  # Swagger UI 5 (OpenAPI 3.1), from PyPI
 # a raw body's Content-Type -> the file name extension decoding sees (DICOM is also told by its magic)
 EXTENSIONS = {"image/png": ".png", "image/jpeg": ".jpg", "image/jpg": ".jpg", "image/tiff": ".tif",
               "image/bmp": ".bmp", "image/webp": ".webp", "application/dicom": ".dcm"}
@@ -138,6 +143,15 @@ async def read_uploads(request: Request, max_files: int) -> list[tuple[str, byte
 def metrics(request: Request):
     """Prometheus metrics: requests and errors by kind, latency and batch-size histograms, queue depth, model."""
     return Response(service(request).metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+@router.get("/docs", include_in_schema=False)
+def docs():
+    """Swagger UI for /openapi.json, every asset from this server (no CDN)."""
+    return get_swagger_ui_html(openapi_url="/openapi.json", title="xray-edge API",
+                               swagger_js_url="/docs/static/swagger-ui-bundle.js",
+                               swagger_css_url="/docs/static/swagger-ui.css",
+                               swagger_favicon_url="/docs/static/favicon.png")
 
 
 @router.get("/", include_in_schema=False)

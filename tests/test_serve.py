@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -149,7 +150,13 @@ def test_health_metadata_and_openapi(server, tiny_onnx):
     spec = requests.get(server.url + "/openapi.json").json()
     assert {"/health/live", "/health/ready", "/v1/metadata", "/v1/predict", "/metrics"} <= set(spec["paths"])
     assert "multipart/form-data" in spec["paths"]["/v1/predict"]["post"]["requestBody"]["content"]
-    assert requests.get(server.url + "/docs").status_code == 200
+    docs = requests.get(server.url + "/docs")
+    assert docs.status_code == 200
+    assets = re.findall(r'(?:src|href)="([^"]+)"', docs.text) + re.findall(r"url: '([^']+)'", docs.text)
+    assert assets and all(a.startswith("/") for a in assets), assets  # nothing from a CDN: works offline
+    for asset in assets:
+        assert requests.get(server.url + asset).status_code == 200, asset
+    assert requests.get(server.url + "/redoc").status_code == 404  # ReDoc would load from a CDN: not served
 
 
 def test_predictions_equal_xray_infer_for_every_format(server, tiny_onnx, images):

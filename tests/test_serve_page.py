@@ -139,3 +139,19 @@ def test_page_marks_what_the_guard_flags(browser, exported, tmp_path):
         assert "ood" not in accepted.get_attribute("class").split()
         assert not accepted.find_elements(By.CLASS_NAME, "reason")
         assert "verified accuracy" in browser.find_element(By.ID, "model").text
+
+
+def test_docs_render_offline_in_the_browser(browser, tiny_onnx):
+    """Swagger UI draws the API from /openapi.json with its own files from this server (no CDN reachable)."""
+    from selenium.webdriver.common.by import By
+
+    with Server("--model", tiny_onnx[0]) as s:
+        browser.get(s.url + "/docs")
+        title = wait_for(browser, lambda d: (e := d.find_elements(By.CSS_SELECTOR, ".swagger-ui .info .title"))
+                         and e[0].text)
+        assert "xray-edge" in title
+        ops = wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, ".opblock-summary-path"))
+        assert "/v1/predict" in {o.text.strip() for o in ops}
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        browser.save_screenshot(str(SCREENSHOTS / "docs.png"))
+
