@@ -15,6 +15,7 @@ from xray.infer.model import EdgeModel
 
 from .metrics import Metrics
 from .middleware import ApiKeyMiddleware, BodyLimitMiddleware, MetricsMiddleware
+from .openapi import model_openapi
 from .routes import STATIC, SWAGGER_UI, router
 from .service import NOTICE, Service
 from .settings import Settings
@@ -51,6 +52,7 @@ def create_app(model: EdgeModel, settings: Settings, node_settings=None) -> Fast
     app = FastAPI(title="xray-edge", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description=f"Chest X-ray classification with {model.info.model_name} "
                               f"({model.info.precision}). {NOTICE}")
+    model_openapi(app, list(model.info.classes), model.has_cam)
     app.state.service, app.state.node, app.state.failed = service, node, None
     app.include_router(router)
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")

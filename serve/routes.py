@@ -13,7 +13,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from .schemas import Health, Metadata, PredictResponse, Ready
+from .schemas import Detail, Health, Metadata, PredictResponse, Ready
 from .service import Service, Unavailable
 from .views import Views
 
@@ -27,7 +27,8 @@ PREDICT_BODY = {
                    "or one image as the raw body with its Content-Type (image/png, image/jpeg, image/tiff, "
                    "image/bmp, image/webp, application/dicom, application/octet-stream); `X-Filename` names it.",
     "content": {"multipart/form-data": {"schema": {"type": "object", "properties": {
-        "file": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
+        "file": {"type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1}},
+        "required": ["file"]}},
         "image/png": {"schema": {"type": "string", "format": "binary"}},
         "application/dicom": {"schema": {"type": "string", "format": "binary"}}},
 }
@@ -64,11 +65,18 @@ def metadata(request: Request):
 
 
 @router.post("/v1/predict", response_model=PredictResponse, tags=["model"], openapi_extra={"requestBody": PREDICT_BODY},
-             responses={400: {"description": "heatmap=true for a model without heatmaps, or an unknown "
-                                             "heatmap_class"},
-                        413: {"description": "body over --max-upload-mb, or more than --max-files files"},
-                        422: {"description": "no image could be decoded (each error has a one-line reason)"},
-                        503: {"description": "queue full, loading or shutting down (see Retry-After)"}})
+             responses={400: {"model": Detail, "description": "heatmap for a model without heatmaps, or an invalid "
+                                                            "header"},
+                        408: {"model": Detail, "description": "the body stalled for --read-timeout-s"},
+                        413: {"model": Detail, "description": "body over --max-upload-mb, or more than --max-files "
+                                                            "files"},
+                        422: {"description": "no image could be decoded (each error has a one-line reason), no "
+                                             "file, or an invalid query", "content": {"application/json": {"schema": {
+                                                 "anyOf": [{"$ref": "#/components/schemas/PredictResponse"},
+                                                           {"$ref": "#/components/schemas/Detail"},
+                                                           {"$ref": "#/components/schemas/HTTPValidationError"}]}}}},
+                        503: {"model": Detail, "description": "queue full, loading or shutting down (see "
+                                                            "Retry-After)"}})
 async def predict(request: Request, top_k: int | None = Query(None, ge=1, description="Also list the k most "
                   "probable classes"), ood_action: str | None = Query(None, pattern="^(flag|abstain)$",
                   description="Images the guard flags: flag (default) or abstain (prediction OUT_OF_DISTRIBUTION)"),

@@ -4,6 +4,10 @@ from __future__ import annotations
 from pydantic import BaseModel
 
 
+class Detail(BaseModel):
+    detail: str  # one line saying what was wrong
+
+
 class Outbox(BaseModel):
     backlog: int  # DICOM reports on disk waiting for the PACS
     oldest_age_s: float  # the oldest one's age (0: none)
