@@ -52,7 +52,7 @@ def create_app(model: EdgeModel, settings: Settings, node_settings=None) -> Fast
     app = FastAPI(title="xray-edge", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description=f"Chest X-ray classification with {model.info.model_name} "
                               f"({model.info.precision}). {NOTICE}")
-    model_openapi(app, list(model.info.classes), model.has_cam)
+    model_openapi(app, list(model.info.classes), model.has_cam, settings.max_files)
     app.state.service, app.state.node, app.state.failed = service, node, None
     app.include_router(router)
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")

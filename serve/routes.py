@@ -73,8 +73,7 @@ def metadata(request: Request):
                         422: {"description": "no image could be decoded (each error has a one-line reason), no "
                                              "file, or an invalid query", "content": {"application/json": {"schema": {
                                                  "anyOf": [{"$ref": "#/components/schemas/PredictResponse"},
-                                                           {"$ref": "#/components/schemas/Detail"},
-                                                           {"$ref": "#/components/schemas/HTTPValidationError"}]}}}},
+                                                           {"$ref": "#/components/schemas/Detail"}]}}}},
                         503: {"model": Detail, "description": "queue full, loading or shutting down (see "
                                                             "Retry-After)"}})
 async def predict(request: Request, top_k: int | None = Query(None, ge=1, description="Also list the k most "

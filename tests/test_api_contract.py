@@ -31,12 +31,16 @@ def test_schemathesis_finds_no_failure(kind, tiny_onnx, cam_onnx):
         post = spec["paths"]["/v1/predict"]["post"]
         multipart = post["requestBody"]["content"]["multipart/form-data"]["schema"]
         assert multipart["required"] == ["file"]  # the server answers 422 without it
+        assert multipart["properties"]["file"]["maxItems"] == 16  # --max-files: more get 413
         params = {p["name"]: p for p in post["parameters"]}
         if kind == "plain":  # the server refuses them (400): not offered
             assert "heatmap" not in params and "heatmap_class" not in params
         else:
             assert params["heatmap_class"]["schema"]["anyOf"][0]["enum"] == tiny_onnx[3]
         assert {"400", "408", "413", "422", "503"} <= set(post["responses"])
+        bad = requests.post(server.url + "/v1/predict?top_k=0", files={"file": b"x"}, timeout=10)
+        assert bad.status_code == 422 and isinstance(bad.json()["detail"], str)  # one line, as every error
+        assert "top_k" in bad.json()["detail"]
         proc = fuzz(server)
     summary = proc.stdout[-3000:]
     assert proc.returncode == 0, summary
