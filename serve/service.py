@@ -117,16 +117,18 @@ class Service:
         return records
 
     def classify_blocking(self, data: bytes, name: str, ood_action: str = "abstain",
-                          cam: bool = False) -> tuple[dict, dict, np.ndarray | None]:
+                          cam: bool = False) -> tuple[dict, dict, tuple | None]:
         """One file from a non-async caller (the DICOM node's association threads): the same decode pool,
-        batcher and record. Returns (record, timing in ms, class activation maps when asked and present)."""
+        batcher and record. Returns (record, timing in ms, and when cam is asked and present: (the decoded
+        image shrunk to a preview's size, the class activation maps), so nothing is decoded twice)."""
         start = time.perf_counter()
-        array, error, _ = self.pool.submit(self._prepare, data, name).result()
+        array, error, image = self.pool.submit(self._prepare, data, name, cam).result()
         decoded = time.perf_counter()
         row = self.batcher.submit(array, cam=cam).result() if array is not None else None
         timing = {"decode_ms": round((decoded - start) * 1e3, 2),
                   "model_ms": round((time.perf_counter() - decoded) * 1e3, 2)}
-        return self._record(name, row, error, None, ood_action), timing, None if row is None else row.cam
+        drawn = (image, row.cam) if row is not None and row.cam is not None else None
+        return self._record(name, row, error, None, ood_action), timing, drawn
 
     def _record(self, name: str, row, error: ImageFailure | None, top_k: int | None, ood_action: str) -> dict:
         if row is None:  # error.kind: ImageError's stable kind (common.errors), the label clients and metrics use

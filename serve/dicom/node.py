@@ -266,7 +266,7 @@ class DicomNode:
     def _classify_and_keep(self, event, ds, ids, start) -> int:
         data = event.encoded_dataset()
         want_cam = bool(self.sender and self.settings.send_heatmap and self.service.model.has_cam)
-        record, timing, cam = self.service.classify_blocking(data, f"{ids['sop_instance_uid']}.dcm", cam=want_cam)
+        record, timing, drawn = self.service.classify_blocking(data, f"{ids['sop_instance_uid']}.dcm", cam=want_cam)
         timing["total_ms"] = round((time.perf_counter() - start) * 1e3, 2)
         if "error" in record:
             self.results.write("instance", status="error", reason=record["error"]["message"], **ids,
@@ -279,7 +279,7 @@ class DicomNode:
             self.results.write("instance", status=status, **ids, **fields, model=self.model_fields, timing=timing)
             return STATUS_OK
         # a heatmap only for a diagnosis: none for an image the guard flagged
-        heatmap = (data, cam) if cam is not None and not record.get("ood") else None
+        heatmap = drawn if drawn is not None and not record.get("ood") else None
         try:
             objects = build_reports(ds, record, self.identity, self.service.model.info.spec, heatmap)
         except Exception as e:  # a bug: logged loudly, the instance is not lost from the log

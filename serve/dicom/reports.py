@@ -8,7 +8,6 @@ import pydicom
 
 from .sr import build_heatmap_sc, build_sr
 
-HEATMAP_MAX_SIDE = 1024  # the Secondary Capture is for a viewer's glance, not diagnosis: keep it small
 
 
 def model_identity(service) -> dict:
@@ -19,19 +18,17 @@ def model_identity(service) -> dict:
 
 
 def build_reports(source: pydicom.Dataset, record: dict, model: dict, spec, heatmap=None) -> list[pydicom.Dataset]:
-    """[SR] or [SR, heatmap SC]; heatmap: (the instance's bytes, its class activation maps)."""
+    """[SR] or [SR, heatmap SC]; heatmap: (the decoded image, its class activation maps)."""
     objects = [build_sr(source, record, model)]
     if heatmap is not None:
         objects.append(heatmap_sc(source, record, spec, *heatmap))
     return objects
 
 
-def heatmap_sc(source, record, spec, data: bytes, cam) -> pydicom.Dataset:
-    from xray.common.imageio import load_image
+def heatmap_sc(source, record, spec, image, cam) -> pydicom.Dataset:
+    """image: the instance as decoded for classification, shrunk to at most 1024 px (serve.views.shrink)."""
     from xray.infer.heatmap import overlay
 
-    image = load_image(data, name="instance.dcm")
-    image.thumbnail((HEATMAP_MAX_SIDE, HEATMAP_MAX_SIDE))
     best = int(np.argmax(list(record["probabilities"].values())))  # in the model's class order
     caption = f"{record['prediction']} {record['probability']:.2f} - xray-edge, research use only"
     return build_heatmap_sc(source, np.asarray(overlay(image, cam[best], spec, caption)))
