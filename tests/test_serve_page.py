@@ -1,5 +1,6 @@
 """The page at / in a real browser (Debian's chromium + chromium-driver through selenium, headless):
-upload images through the file input, wait for the answers, check them against /v1/predict."""
+upload images through the file input, wait for the answers, check them against /v1/predict, and look at the
+pixels the browser drew (films, heatmaps, the enlarged view). Screenshots land in build/screenshots/."""
 from __future__ import annotations
 
 import shutil
@@ -77,11 +78,11 @@ def test_page_uploads_images_and_shows_the_service_answers(browser, tiny_onnx, p
             for bar in bars:
                 p = want["probabilities"][bar.find_element(By.CLASS_NAME, "cls").text]
                 assert bar.find_element(By.CLASS_NAME, "value").text == f"{p:.1%}"
-            if path.suffix == ".dcm":
-                assert card.find_element(By.CLASS_NAME, "noimg").text == "DICOM"  # browsers cannot show DICOM
-            else:
-                thumb = card.find_element(By.TAG_NAME, "img")
-                assert browser.execute_script("return arguments[0].naturalWidth", thumb) > 0  # the thumbnail decoded
+            # a DICOM file no browser shows: the server's rendering; the rest: the browser's own copy
+            assert card.get_attribute("data-view") == ("preview" if path.suffix == ".dcm" else "browser")
+            thumb = card.find_element(By.CLASS_NAME, "base")
+            assert browser.execute_script("return arguments[0].naturalWidth", thumb) > 0
+            assert not card.find_element(By.CLASS_NAME, "heatctls").is_displayed()  # this model has no heatmaps
         failed = shown[bad.name]
         assert "could not read" in failed.text and "not a recognised image" in failed.text
         assert failed.find_element(By.CLASS_NAME, "noimg").text == "no preview"
@@ -112,33 +113,193 @@ def test_page_asks_for_the_api_key(browser, tiny_onnx, page_images, tmp_path):
         assert card.get_attribute("data-prediction") in ("NORMAL", "PNEUMONIA", "TUBERCULOSIS")
 
 
-def test_page_marks_what_the_guard_flags(browser, exported, tmp_path):
-    """A model with the out-of-distribution guard: a noise picture's card says it is not like the training
-    data, and why; a test film of the run's own split does not."""
+def coloured_pixels(element) -> int:
+    """Pixels of an element's screenshot that are not grey: the films are greyscale, the heatmap is the colour."""
+    import io
+
     import numpy as np
     from PIL import Image
-    from selenium.webdriver.common.by import By
+
+    rgb = np.asarray(Image.open(io.BytesIO(element.screenshot_as_png)).convert("RGB")).astype(np.int16)
+    return int(((rgb.max(axis=2) - rgb.min(axis=2)) > 10).sum())
+
+
+@pytest.fixture(scope="module")
+def clinic_files(exported, tmp_path_factory):
+    """For the trained run's export: two of its test films whose heatmaps are coloured, a 2000 px film, a noise
+    picture (flagged by the guard), the real CR DICOM and a file that is no image."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from test_common_imageio import _find_rg1
 
     folder, _ = exported
-    noise = tmp_path / "noise.png"
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 300), dtype=np.uint8)).save(noise)
+    root = tmp_path_factory.mktemp("clinic")
+    noise = root / "circuit_board.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 400), dtype=np.uint8)).save(noise)
+    big = save_mode(radiograph(2000, seed=4), "png8", root / "film_2000px")
+    bad = root / "notes.png"
+    bad.write_text("this is not an image\n")
+    coverage = {}  # film -> the share of its heatmap layer that shows
     with Server("--model", folder / "model.onnx") as s:
-        film = next(p for p in sorted((folder.parent.parent / "data" / "test").glob("*/*"))
-                    if not requests.post(s.url + "/v1/predict", data=p.read_bytes(),
-                                         headers={"Content-Type": "image/png"}).json()["predictions"][0]["ood"])
+        for p in sorted((folder.parent.parent / "data" / "test").glob("*/*")):
+            rec = requests.post(s.url + "/v1/predict?heatmap=true&ood_action=abstain", data=p.read_bytes(),
+                                headers={"Content-Type": "image/png"}).json()["predictions"][0]
+            if rec.get("heatmap"):
+                rgba = np.asarray(Image.open(io.BytesIO(base64.b64decode(rec["heatmap"].split(",", 1)[1]))))
+                coverage[p] = float((rgba[..., 3] > 60).mean())
+    films = sorted((p for p, c in coverage.items() if c > 0.02), key=coverage.get)[:2]  # the most local ones
+    assert len(films) == 2, f"the trained run gave no two films with a visible heatmap: {coverage}"
+    return {"films": films, "big": big, "noise": noise, "dicom": _find_rg1(), "bad": bad}
+
+
+def test_page_shows_each_film_with_its_heatmap_and_does_not_assess_what_the_guard_flags(browser, exported,
+                                                                                        clinic_files):
+    """The clinician's view: every card shows its image (the browser's own copy, or the server's rendering for
+    DICOM); the heatmap toggle and opacity lay coloured pixels over a film and take them away; a flagged picture's
+    headline names no class and its numbers wait under "show anyway"; per-image errors stay visible."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    folder, _ = exported
+    f = clinic_files
+    with Server("--model", folder / "model.onnx") as s:
         browser.get(s.url + "/")
         wait_for(browser, lambda d: "efficientnet" in d.find_element(By.ID, "model").text)
-        browser.find_element(By.ID, "files").send_keys(f"{noise}\n{film}")
+        files = [*f["films"], f["noise"], f["dicom"], f["bad"]]
+        browser.find_element(By.ID, "files").send_keys("\n".join(str(p) for p in files))
         cards = wait_for(browser, lambda d: (c := d.find_elements(By.CSS_SELECTOR, ".card[data-prediction]"))
-                         and len(c) == 2 and c)
+                         and len(c) == len(files) and c)
+        assert [c.get_attribute("data-file") for c in cards] == [p.name for p in files]  # in the order picked
         shown = {c.get_attribute("data-file"): c for c in cards}
-        flagged, accepted = shown["noise.png"], shown[film.name]
-        assert "ood" in flagged.get_attribute("class").split()
-        assert "not like the training data" in flagged.find_element(By.CLASS_NAME, "pred").text
+        classes = ["NORMAL", "PNEUMONIA", "TUBERCULOSIS"]
+
+        for film in f["films"]:  # the heatmap: off at first, coloured when on, gone at opacity 0
+            card = shown[film.name]
+            assert card.get_attribute("data-view") == "browser"
+            assert card.get_attribute("data-prediction") in classes
+            assert card.get_attribute("data-heatmap-class") == card.get_attribute("data-prediction")
+            stack = card.find_element(By.CLASS_NAME, "stack")
+            assert stack.size["height"] > 150  # the film itself, not a thumbnail stamp
+            assert coloured_pixels(stack) == 0
+            toggle = card.find_element(By.CLASS_NAME, "heat-toggle")
+            toggle.click()
+            assert card.get_attribute("data-heatmap-on") == "true"
+            on = coloured_pixels(stack)
+            assert on > 200, on
+            opacity = card.find_element(By.CLASS_NAME, "opacity")
+            opacity.send_keys(Keys.HOME)  # from the keyboard: opacity 0
+            assert coloured_pixels(stack) == 0
+            opacity.send_keys(Keys.END)
+            assert coloured_pixels(stack) >= on
+            toggle.send_keys(Keys.SPACE)  # off again, from the keyboard
+            assert coloured_pixels(stack) == 0
+            toggle.send_keys(Keys.SPACE)
+
+        flagged = shown[f["noise"].name]  # the guard flags it: not assessed, no class, numbers folded away
+        assert flagged.get_attribute("data-prediction") == "OUT_OF_DISTRIBUTION"
+        headline = flagged.find_element(By.CLASS_NAME, "pred").text
+        assert headline.startswith("Not assessed") and not any(c in headline.upper() for c in classes)
         assert "ood_score" in flagged.find_element(By.CLASS_NAME, "reason").text
-        assert "ood" not in accepted.get_attribute("class").split()
-        assert not accepted.find_elements(By.CLASS_NAME, "reason")
-        assert "verified accuracy" in browser.find_element(By.ID, "model").text
+        assert not flagged.find_element(By.CLASS_NAME, "heatctls").is_displayed()
+        assert "not assessed" in flagged.find_element(By.CLASS_NAME, "noheat").text
+        bars = flagged.find_elements(By.CLASS_NAME, "bar")
+        assert len(bars) == 3 and not any(b.is_displayed() for b in bars)
+        flagged.find_element(By.CSS_SELECTOR, ".anyway summary").click()
+        assert all(b.is_displayed() for b in bars)
+        want = requests.post(s.url + "/v1/predict", data=f["noise"].read_bytes(),
+                             headers={"Content-Type": "image/png"}).json()["predictions"][0]["probabilities"]
+        assert [b.find_element(By.CLASS_NAME, "value").text for b in bars] == [f"{want[c]:.1%}" for c in classes]
+
+        dicom = shown[f["dicom"].name]  # no browser shows DICOM: the server's rendering, a real picture
+        assert dicom.get_attribute("data-view") == "preview"
+        base = dicom.find_element(By.CLASS_NAME, "base")
+        assert base.get_attribute("src").startswith("data:image/jpeg;base64,")
+        assert browser.execute_script("return arguments[0].naturalWidth", base) > 500
+        import io
+
+        import numpy as np
+        from PIL import Image
+
+        pixels = np.asarray(Image.open(io.BytesIO(dicom.find_element(By.CLASS_NAME, "stack").screenshot_as_png))
+                            .convert("L"))
+        assert pixels.std() > 30 and pixels.mean() > 40  # lungs, ribs and mediastinum, not a black placeholder
+
+        failed = shown[f["bad"].name]
+        assert "could not read" in failed.text and "not a recognised image" in failed.text
+        assert failed.find_element(By.CLASS_NAME, "noimg").text == "no preview"
+        assert f"done: {len(files)} image(s)" in browser.find_element(By.ID, "status").text
+
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        browser.execute_script("window.scrollTo(0, 0)")
+        browser.save_screenshot(str(SCREENSHOTS / "serve_page_heatmap.png"))  # docs/serve_page.png is a copy
+        browser.set_window_size(420, 900)  # a phone held upright: no sideways scrolling, the controls still there
+        try:
+            assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
+            card = shown[f["films"][0].name]
+            browser.execute_script("arguments[0].scrollIntoView()", card)
+            assert card.find_element(By.CLASS_NAME, "heat-toggle").is_displayed()
+            assert card.size["width"] <= 420 and coloured_pixels(card.find_element(By.CLASS_NAME, "stack")) > 0
+            browser.save_screenshot(str(SCREENSHOTS / "serve_page_420px.png"))
+        finally:
+            browser.set_window_size(1280, 800)
+
+
+def test_enlarging_shows_full_resolution_with_zoom_and_pan_from_mouse_or_keyboard(browser, exported, clinic_files):
+    from PIL import Image
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    folder, _ = exported
+    big, dicom = clinic_files["big"], clinic_files["dicom"]
+    width, height = Image.open(big).size
+    assert max(width, height) >= 1800
+    with Server("--model", folder / "model.onnx") as s:
+        browser.get(s.url + "/")
+        wait_for(browser, lambda d: "efficientnet" in d.find_element(By.ID, "model").text)
+        browser.find_element(By.ID, "files").send_keys(f"{big}\n{dicom}")
+        wait_for(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, ".card[data-prediction]")) == 2)
+        film = browser.find_element(By.CSS_SELECTOR, f".card[data-file='{big.name}'] .film")
+        film.click()
+        viewer = browser.find_element(By.ID, "viewer")
+        wait_for(browser, lambda d: viewer.get_attribute("open") is not None and viewer.get_attribute("data-scale"))
+        base = browser.find_element(By.ID, "vbase")
+        assert browser.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", base) \
+            == [width, height]  # the browser's own full-resolution copy, not the server's 1024 px preview
+        assert float(viewer.get_attribute("data-scale")) < 1  # fitted to the screen first
+        browser.find_element(By.ID, "z1").click()  # one image pixel per screen pixel
+        assert float(viewer.get_attribute("data-scale")) == 1
+        assert browser.execute_script("return arguments[0].getBoundingClientRect().width",
+                                      browser.find_element(By.ID, "vstack")) == pytest.approx(width, abs=1)
+        browser.find_element(By.ID, "zin").click()
+        assert float(viewer.get_attribute("data-scale")) == pytest.approx(1.25)
+        stage = browser.find_element(By.ID, "stage")
+        before = stage.find_element(By.ID, "vstack").value_of_css_property("transform")
+        stage.send_keys(Keys.ARROW_LEFT)  # pan from the keyboard
+        assert stage.find_element(By.ID, "vstack").value_of_css_property("transform") != before
+        from selenium.webdriver.common.action_chains import ActionChains
+
+        moved = stage.find_element(By.ID, "vstack").value_of_css_property("transform")
+        ActionChains(browser).move_to_element(stage).click_and_hold().move_by_offset(-120, -80).release().perform()
+        assert stage.find_element(By.ID, "vstack").value_of_css_property("transform") != moved  # pan by dragging
+        stage.send_keys("0")
+        assert float(viewer.get_attribute("data-scale")) < 1
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        browser.save_screenshot(str(SCREENSHOTS / "viewer.png"))
+        stage.send_keys(Keys.ESCAPE)
+        wait_for(browser, lambda d: viewer.get_attribute("open") is None)
+        assert browser.execute_script("return document.activeElement") == film  # focus back where it was
+
+        dicom_film = browser.find_element(By.CSS_SELECTOR, f".card[data-file='{dicom.name}'] .film")
+        browser.execute_script("arguments[0].focus()", dicom_film)
+        dicom_film.send_keys(Keys.ENTER)  # open from the keyboard
+        wait_for(browser, lambda d: viewer.get_attribute("open") is not None and viewer.get_attribute("data-scale"))
+        assert base.get_attribute("src").startswith("data:image/jpeg")
+        assert "server's rendering" in browser.find_element(By.ID, "vnote").text
+        browser.find_element(By.ID, "vclose").click()
+        wait_for(browser, lambda d: viewer.get_attribute("open") is None)
 
 
 def test_docs_render_offline_in_the_browser(browser, tiny_onnx):

@@ -1,4 +1,5 @@
-// xray-edge page: pick or drop images, POST them to /v1/predict, show one card per image.
+// xray-edge page: pick or drop images, POST them to /v1/predict, show one card per image with the film,
+// its heatmap (a layer to toggle and fade) and the answer; click a film to enlarge it, zoom and pan.
 // No framework, no build step, nothing from the network but this server.
 "use strict";
 
@@ -18,6 +19,7 @@ function el(tag, cls, text) {
 }
 
 function pct(p) { return (100 * p).toFixed(1) + "%"; }
+function capital(s) { return s.charAt(0).toUpperCase() + s.slice(1); }
 
 async function loadMetadata() {
   const r = await fetch("/v1/metadata", { headers: headers() });
@@ -35,27 +37,98 @@ async function loadMetadata() {
   const rows = [["model file", meta.file], ["checkpoint sha256", meta.checkpoint_sha256], ["exported", meta.export_date],
     ["input", `${meta.image_spec.input_size} px, ${meta.image_spec.resize_mode}`],
     ["out-of-distribution guard", meta.ood_guard ? `${meta.ood_guard.score}, accepts ${pct(meta.ood_guard.accept)} of in-distribution images` : "none"],
+    ["heatmaps", meta.heatmaps ? "class activation maps" : "none (re-export with a current xray-export)"],
     ["why this model", meta.chosen_because || "the only one given"], ["onnxruntime", meta.onnxruntime]];
   for (const [k, val] of Object.entries(v)) rows.push(["verification: " + k, typeof val === "number" ? +val.toPrecision(4) : val]);
   for (const [k, val] of rows) { facts.append(el("dt", "", k), el("dd", "", String(val))); }
 }
 
-function card(file) {
+// ------------------------------------------------------------------ cards
+
+/** The browser's own copy of the file when it can show the format (full resolution), else null. */
+async function browserCopy(file) {
+  const url = URL.createObjectURL(file);
+  const img = new Image();
+  img.src = url;
+  try { await img.decode(); return url; } catch { URL.revokeObjectURL(url); return null; }
+}
+
+function card(file, own) {
   const c = el("article", "card");
   c.dataset.file = file.name;
-  const img = el("img");
-  img.alt = file.name;
-  img.src = URL.createObjectURL(file);
-  img.onerror = () => img.replaceWith(el("div", "noimg", /\.dcm$|\.dicom$/i.test(file.name) ? "DICOM" : "no preview"));
-  const body = el("div");
-  body.append(el("p", "name", file.name), el("p", "pred", "classifying…"), el("div", "bars"));
-  c.append(img, body);
-  $("results").prepend(c);
+  c.view = { own, base: own, layer: null, on: false, opacity: 60 };
+  const film = el("button", "film");
+  film.type = "button";
+  film.setAttribute("aria-label", "Enlarge " + file.name);
+  film.disabled = true;  // until there is something to show
+  const stack = el("span", "stack");
+  const base = el("img", "base"), layer = el("img", "heat");
+  base.alt = file.name;
+  layer.alt = "";
+  layer.hidden = true;
+  stack.append(base, layer);
+  film.append(stack, el("span", "noimg", own ? "" : "waiting for the server's rendering"));
+  film.addEventListener("click", () => openViewer(c));
+
+  const controls = el("div", "heatctls");
+  controls.hidden = true;
+  const toggle = el("input", "heat-toggle"), opacity = el("input", "opacity");
+  toggle.type = "checkbox";
+  opacity.type = "range"; opacity.min = 0; opacity.max = 100; opacity.step = 5; opacity.value = c.view.opacity;
+  const tl = el("label"), ol = el("label");
+  tl.append(toggle, " heatmap ", el("span", "heat-class"));
+  ol.append("opacity ", opacity);
+  controls.append(tl, ol);
+  toggle.addEventListener("change", () => setHeat(c, toggle.checked, c.view.opacity));
+  opacity.addEventListener("input", () => setHeat(c, c.view.on, +opacity.value));
+
+  const body = el("div", "body");
+  body.append(el("p", "pred", "classifying…"), el("p", "noheat"));
+  c.append(el("p", "name", file.name), film, controls, body);
+  if (own) showBase(c, own, "browser");
   return c;
 }
 
+function showBase(c, src, kind) {
+  const film = c.querySelector(".film");
+  c.view.base = src;
+  c.dataset.view = kind;  // "browser": the file itself; "preview": the server's decoded rendering
+  film.querySelector(".base").src = src;
+  film.querySelector(".noimg")?.remove();
+  film.disabled = false;
+}
+
+function setHeat(c, on, opacity) {
+  c.view.on = on && !!c.view.layer;
+  c.view.opacity = opacity;
+  const layer = c.querySelector(".heat");
+  layer.hidden = !c.view.on;
+  layer.style.opacity = opacity / 100;
+  c.querySelector(".heat-toggle").checked = c.view.on;
+  c.querySelector(".opacity").value = opacity;
+  c.dataset.heatmapOn = c.view.on ? "true" : "false";
+  if (viewer.card === c) syncViewer();
+}
+
+function bars(probabilities) {
+  const box = el("div", "bars");
+  const best = Object.entries(probabilities).sort((a, b) => b[1] - a[1])[0][0];
+  for (const [cls, p] of Object.entries(probabilities)) {
+    const row = el("div", "bar" + (cls === best ? " top" : ""));
+    const track = el("div", "track"), fill = el("div", "fill");
+    fill.style.width = pct(p);
+    track.append(fill);
+    row.append(el("span", "cls", cls), track, el("span", "value", pct(p)));
+    row.title = `${cls}: ${p}`;
+    box.append(row);
+  }
+  return box;
+}
+
 function show(c, rec) {
-  const pred = c.querySelector(".pred"), bars = c.querySelector(".bars");
+  const pred = c.querySelector(".pred"), body = c.querySelector(".body"), noheat = c.querySelector(".noheat");
+  if (!c.view.own && rec.preview) showBase(c, rec.preview, "preview");
+  if (c.querySelector(".film").disabled) c.querySelector(".noimg").textContent = "no preview";
   if (rec.error) {
     c.classList.add("failed");
     pred.textContent = "could not read: " + rec.error.message;
@@ -64,22 +137,27 @@ function show(c, rec) {
   }
   c.dataset.prediction = rec.prediction;
   c.dataset.probability = rec.probability === null ? "" : String(rec.probability);
-  pred.textContent = rec.probability === null ? rec.prediction : `${rec.prediction} ${pct(rec.probability)}`;
-  const best = Object.entries(rec.probabilities).sort((a, b) => b[1] - a[1])[0][0];
-  for (const [cls, p] of Object.entries(rec.probabilities)) {
-    const row = el("div", "bar" + (cls === best ? " top" : ""));
-    const track = el("div", "track"), fill = el("div", "fill");
-    fill.style.width = pct(p);
-    track.append(fill);
-    row.append(el("span", "cls", cls), track, el("span", "value", pct(p)));
-    row.title = `${cls}: ${p}`;
-    bars.append(row);
-  }
-  if (rec.ood) {  // the guard flagged it: say so next to the prediction, and why
+  if (rec.ood) {  // the guard flagged it: no class in the headline, the numbers only on request
     c.classList.add("ood");
-    pred.textContent += " · not like the training data";
-    const why = rec.reason || "not like the training data: do not trust the prediction";
-    bars.append(el("p", "reason", why.charAt(0).toUpperCase() + why.slice(1)));
+    pred.textContent = "Not assessed: not like the training data";
+    body.append(el("p", "reason", capital(rec.reason || "not like the training data: do not trust any class")));
+    const anyway = el("details", "anyway");
+    anyway.append(el("summary", "", "show anyway"), bars(rec.probabilities));
+    body.append(anyway);
+  } else {
+    pred.textContent = rec.probability === null ? rec.prediction : `${rec.prediction} ${pct(rec.probability)}`;
+    body.append(bars(rec.probabilities));
+  }
+  if (rec.heatmap) {
+    c.view.layer = rec.heatmap;
+    c.dataset.heatmapClass = rec.heatmap_class;
+    c.querySelector(".heat").src = rec.heatmap;
+    c.querySelector(".heat-class").textContent = "(" + rec.heatmap_class + ")";
+    c.querySelector(".heatctls").hidden = false;
+    setHeat(c, false, c.view.opacity);
+  } else if (meta && meta.heatmaps) {
+    noheat.textContent = rec.ood ? "No heatmap: not assessed." : "No heatmap.";
+    body.append(noheat);  // after the reason
   }
 }
 
@@ -87,13 +165,19 @@ async function classify(files) {
   if (!files.length) return;
   const max = meta ? meta.limits.max_files : 16;
   for (let i = 0; i < files.length; i += max) {
-    const chunk = files.slice(i, i + max), cards = chunk.map(card);
+    const chunk = files.slice(i, i + max);
+    const own = await Promise.all(chunk.map(browserCopy));
+    const cards = chunk.map((f, k) => card(f, own[k]));
+    $("results").prepend(...cards);  // newest batch first, in the order picked
     const form = new FormData();
     chunk.forEach((f) => form.append("file", f, f.name));
+    const query = new URLSearchParams({ ood_action: "abstain" });
+    if (own.some((u) => !u)) query.set("preview", "true");  // DICOM and the rest: the server renders them
+    if (meta && meta.heatmaps) query.set("heatmap", "true");
     $("status").textContent = `classifying ${chunk.length} image(s)…`;
     let r, body;
     try {
-      r = await fetch("/v1/predict", { method: "POST", body: form, headers: headers() });
+      r = await fetch("/v1/predict?" + query, { method: "POST", body: form, headers: headers() });
       body = await r.json();
     } catch (e) {
       cards.forEach((c) => show(c, { error: { message: "no answer from the server (" + e + ")" } }));
@@ -107,8 +191,111 @@ async function classify(files) {
   }
 }
 
+// ------------------------------------------------------------------ the enlarged view: zoom and pan
+
+const viewer = { card: null, scale: 1, x: 0, y: 0, drag: null };
+
+function naturalSize() { const b = $("vbase"); return [b.naturalWidth || 1, b.naturalHeight || 1]; }
+
+function place() {
+  $("vstack").style.transform = `translate(${viewer.x}px, ${viewer.y}px) scale(${viewer.scale})`;
+  $("vzoom").textContent = Math.round(100 * viewer.scale) + "%";
+  $("viewer").dataset.scale = viewer.scale;
+}
+
+function fit() {
+  const [w, h] = naturalSize(), stage = $("stage");
+  viewer.scale = Math.min(stage.clientWidth / w, stage.clientHeight / h, 1);
+  viewer.x = (stage.clientWidth - w * viewer.scale) / 2;
+  viewer.y = (stage.clientHeight - h * viewer.scale) / 2;
+  place();
+}
+
+function zoom(factor, cx, cy) {  // about the stage point (cx, cy); default: its centre
+  const stage = $("stage");
+  cx = cx ?? stage.clientWidth / 2; cy = cy ?? stage.clientHeight / 2;
+  const scale = Math.min(16, Math.max(0.05, viewer.scale * factor));
+  viewer.x = cx - (cx - viewer.x) * scale / viewer.scale;
+  viewer.y = cy - (cy - viewer.y) * scale / viewer.scale;
+  viewer.scale = scale;
+  place();
+}
+
+function syncViewer() {
+  const c = viewer.card;
+  $("vlayer").hidden = !c.view.on;
+  $("vlayer").style.opacity = c.view.opacity / 100;
+  $("vheat").checked = c.view.on;
+  $("vopacity").value = c.view.opacity;
+}
+
+function openViewer(c) {
+  viewer.card = c;
+  const [base, layer] = [$("vbase"), $("vlayer")];
+  base.alt = c.dataset.file;
+  $("vtitle").textContent = c.dataset.file;
+  $("vheading").textContent = c.querySelector(".pred").textContent;
+  $("vheading").classList.toggle("flagged", c.classList.contains("ood"));
+  for (const e of document.querySelectorAll("#viewer .heatctl")) e.hidden = !c.view.layer;
+  layer.src = c.view.layer || "";
+  syncViewer();
+  base.onload = () => {
+    $("vstack").style.width = base.naturalWidth + "px";
+    $("vstack").style.height = base.naturalHeight + "px";
+    $("vnote").textContent = (c.dataset.view === "browser" ? "Your file as the browser shows it" :
+      "The server's rendering of the file as the model read it (DICOM window and inversion applied), shrunk") +
+      `: ${base.naturalWidth} × ${base.naturalHeight} px.` + (c.view.layer ? " The heatmap is where the model looked for its class." : "");
+    fit();
+  };
+  base.src = c.view.base;
+  $("viewer").showModal();
+  $("stage").focus();
+}
+
+$("zin").addEventListener("click", () => zoom(1.25));
+$("zout").addEventListener("click", () => zoom(0.8));
+$("zfit").addEventListener("click", fit);
+$("z1").addEventListener("click", () => zoom(1 / viewer.scale));
+$("vclose").addEventListener("click", () => $("viewer").close());
+$("vheat").addEventListener("change", () => setHeat(viewer.card, $("vheat").checked, viewer.card.view.opacity));
+$("vopacity").addEventListener("input", () => setHeat(viewer.card, viewer.card.view.on, +$("vopacity").value));
+$("viewer").addEventListener("close", () => { viewer.card = null; });
+const stage = $("stage");
+stage.addEventListener("wheel", (e) => {
+  e.preventDefault();
+  const box = stage.getBoundingClientRect();
+  zoom(e.deltaY < 0 ? 1.15 : 1 / 1.15, e.clientX - box.left, e.clientY - box.top);
+}, { passive: false });
+stage.addEventListener("pointerdown", (e) => {
+  viewer.drag = { id: e.pointerId, x: e.clientX - viewer.x, y: e.clientY - viewer.y };
+  stage.setPointerCapture(e.pointerId);
+  stage.classList.add("dragging");
+});
+stage.addEventListener("pointermove", (e) => {
+  if (!viewer.drag || viewer.drag.id !== e.pointerId) return;
+  viewer.x = e.clientX - viewer.drag.x; viewer.y = e.clientY - viewer.drag.y;
+  place();
+});
+for (const end of ["pointerup", "pointercancel"]) {
+  stage.addEventListener(end, () => { viewer.drag = null; stage.classList.remove("dragging"); });
+}
+stage.addEventListener("keydown", (e) => {
+  const step = 60, moves = { ArrowLeft: [step, 0], ArrowRight: [-step, 0], ArrowUp: [0, step], ArrowDown: [0, -step] };
+  if (e.key in moves) { viewer.x += moves[e.key][0]; viewer.y += moves[e.key][1]; place(); }
+  else if (e.key === "+" || e.key === "=") zoom(1.25);
+  else if (e.key === "-") zoom(0.8);
+  else if (e.key === "0") fit();
+  else if (e.key === "1") zoom(1 / viewer.scale);
+  else if (e.key === "h" && viewer.card.view.layer) setHeat(viewer.card, !viewer.card.view.on, viewer.card.view.opacity);
+  else return;
+  e.preventDefault();
+});
+
+// ------------------------------------------------------------------ picking files
+
 $("files").addEventListener("change", (e) => { classify([...e.target.files]); e.target.value = ""; });
 const drop = $("drop");
+drop.addEventListener("keydown", (e) => { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); $("files").click(); } });
 drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
 drop.addEventListener("dragleave", () => drop.classList.remove("over"));
 drop.addEventListener("drop", (e) => { e.preventDefault(); drop.classList.remove("over"); classify([...e.dataTransfer.files]); });
