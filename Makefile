@@ -20,16 +20,20 @@ $(STAMP): pyproject.toml Makefile | $(PY)
 		fastapi uvicorn python-multipart prometheus-client httptools uvloop fastapi-offline
 	touch $(STAMP)
 
-# Debian tools only the tests use (make demo does not wait for them):
+# Debian tools only the tests use (make demo does not wait for them; checked in a subshell, so that a missing one
+# installs them all rather than exiting make):
 # chromium + its driver for the page's real-browser test (a browser that downloads itself fails offline);
 # qemu-user for the int8 tests on emulated CPUs (qemu-x86_64 -cpu Haswell runs onnxruntime's AVX2 kernels,
 # qemu-aarch64 its Arm kernels), debootstrap for the arm64 root those run in;
-# Orthanc (the PACS) and DCMTK (modality, second PACS, img2dcm) for the DICOM node's tests against real peers
+# Orthanc (the PACS) with its DICOMweb plugin (a file, not a command: the STOW-RS archive) and DCMTK (modality,
+# second PACS, img2dcm) for the DICOM node's tests against real peers
 TOOLS := chromium chromedriver qemu-x86_64 debootstrap Orthanc storescu storescp img2dcm
+TOOL_FILES := /usr/share/orthanc/plugins/libOrthancDicomWeb.so
 test-tools:
-	@for t in $(TOOLS); do command -v $$t >/dev/null || exit 1; done || { apt-get update -qq && \
+	@( for t in $(TOOLS); do command -v $$t >/dev/null || exit 1; done; \
+		for f in $(TOOL_FILES); do test -f $$f || exit 1; done ) || { apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver qemu-user debootstrap \
-		orthanc dcmtk >/dev/null; }
+		orthanc orthanc-dicomweb dcmtk >/dev/null; }
 
 # an arm64 Debian root with this venv's numpy + onnxruntime as aarch64 wheels (about a minute)
 $(ARM64): $(STAMP) | test-tools

@@ -26,7 +26,8 @@ Endpoints: GET / (the page), /health/live, /health/ready, /v1/metadata, /metrics
 POST /v1/predict (multipart files, or one image as the raw body).
 \b
 DICOM node (--dicom-port): a Storage SCP for CR, DX and Secondary Capture on the same model; every
-instance is logged in --results DIR/results.jsonl; --send-to AE@HOST:PORT sends an SR per instance.
+instance is logged in --results DIR/results.jsonl; --send-to sends an SR per instance, by C-STORE to
+AE@HOST:PORT or by DICOMweb STOW-RS to dicomweb+https://HOST/ROOT (--send-credentials FILE for its token).
 \b
 SIGTERM / Ctrl-C: stop accepting, finish the requests in flight, exit 0.
 """

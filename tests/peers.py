@@ -299,3 +299,134 @@ def results(folder: Path) -> list[dict]:
 def events(folder: Path, *names: str) -> list[dict]:
     return [r for r in results(folder) if r["event"] in names]
 
+
+
+# ---------------------------------------------------------------------------------------------------- DICOMweb
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"  # Debian's orthanc-dicomweb (make test-tools)
+
+
+class OrthancDicomWeb(Orthanc):
+    """An Orthanc with its DICOMweb plugin: STOW-RS, QIDO-RS and WADO-RS under `dicomweb` (URL/dicom-web).
+    http_port: this port rather than a free one (reserve it with free_port() to start the archive after the node
+    that sends to it, or to start it again on the same port and folder after a kill)."""
+
+    def __init__(self, folder: Path, http_port: int | None = None, **kw):
+        super().__init__(folder, **kw)
+        if http_port is not None:
+            self.http_port = self.config["HttpPort"] = http_port
+            self.url = f"http://127.0.0.1:{http_port}"
+        self.config["Plugins"] = [DICOMWEB_PLUGIN]
+        self.config["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/"}
+        self.dicomweb = self.url + "/dicom-web"
+
+    def start(self) -> OrthancDicomWeb:
+        assert Path(DICOMWEB_PLUGIN).is_file(), f"{DICOMWEB_PLUGIN} missing: apt-get install orthanc-dicomweb"
+        super().start()
+        plugins = self.get("/plugins").json()
+        assert "dicom-web" in plugins, f"Orthanc did not load its DICOMweb plugin ({plugins}):\n{self.log()[-3000:]}"
+        return self
+
+    def kill(self):
+        """SIGKILL: the archive goes away mid-whatever, as a crashed server does."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
+
+    def qido(self, path: str, **params) -> list[dict]:
+        """GET dicom-web/PATH (QIDO-RS) as DICOM JSON: one dataset per match ([] for none)."""
+        r = self.session.get(self.dicomweb + path, params=params, headers={"Accept": "application/dicom+json"},
+                             timeout=30)
+        r.raise_for_status()
+        return r.json() if r.content.strip() else []
+
+    def instances_in_study(self, study_uid: str, modality: str | None = None) -> list[str]:
+        """The SOP Instance UIDs in the study (in its series of this modality), found by QIDO-RS."""
+        found = []
+        for series in self.qido(f"/studies/{study_uid}/series", **({"Modality": modality} if modality else {})):
+            series_uid = series["0020000E"]["Value"][0]
+            found += [i["00080018"]["Value"][0] for i in self.qido(f"/studies/{study_uid}/series/{series_uid}/instances")]
+        return found
+
+
+class ScriptedStow:
+    """A STOW-RS endpoint on 127.0.0.1 (http.server) that keeps every request (path, headers with lower-case names,
+    body) and answers `answer(request)` -> (status, headers, body); by default 200 listing every part's SOP
+    Instance UID as stored. with ScriptedStow(answer) as archive: archive.url is its DICOMweb root."""
+
+    def __init__(self, answer=None, root: str = "/dicomweb"):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.requests, self.answer = [], answer or (lambda request: stow_answer(part_uids(request)))
+        self._lock = threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                request = {"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()}, "body": body}
+                with outer._lock:
+                    outer.requests.append(request)
+                status, headers, data = outer.answer(request)
+                self.send_response(status)
+                for name, value in {"Content-Length": str(len(data)), **headers}.items():
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.url = f"dicomweb+http://127.0.0.1:{self.port}{root}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def seen(self) -> list[dict]:
+        with self._lock:
+            return list(self.requests)
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def multipart_parts(request: dict) -> list[bytes]:
+    """The parts of a multipart/related request, read back with the standard library's MIME parser."""
+    import email
+    import email.policy
+
+    head = f"Content-Type: {request['headers']['content-type']}\r\n\r\n".encode()
+    message = email.message_from_bytes(head + request["body"], policy=email.policy.HTTP)
+    assert message.get_content_type() == "multipart/related", message.get_content_type()
+    return [part.get_payload(decode=True) for part in message.iter_parts()]
+
+
+def part_uids(request: dict) -> list[str]:
+    """The SOP Instance UIDs of the DICOM files a STOW request carries, in order."""
+    import io
+
+    import pydicom
+
+    return [str(pydicom.dcmread(io.BytesIO(p), stop_before_pixels=True).SOPInstanceUID) for p in multipart_parts(request)]
+
+
+def stow_answer(stored: list[str], failed: dict | None = None, status: int | None = None) -> tuple[int, dict, bytes]:
+    """A Store Instances Response (PS3.18 10.5.3) in DICOM JSON: stored UIDs in 0008,1199, failed {UID: reason}
+    in 0008,1198; status 200 when nothing failed, else 202 (or as given)."""
+    def items(uids, reasons=None):
+        return [{"00081150": {"vr": "UI", "Value": ["1.2.840.10008.5.1.4.1.1.88.33"]},
+                 "00081155": {"vr": "UI", "Value": [u]},
+                 **({"00081197": {"vr": "US", "Value": [reasons[u]]}} if reasons else {})} for u in uids]
+
+    failed = failed or {}
+    body = {"00081199": {"vr": "SQ", "Value": items(stored)}, "00081198": {"vr": "SQ", "Value": items(failed, failed)}}
+    return (status or (202 if failed else 200)), {"Content-Type": "application/dicom+json"}, json.dumps(body).encode()

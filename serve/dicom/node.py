@@ -32,6 +32,7 @@ from pynetdicom.sop_class import (ComputedRadiographyImageStorage, DigitalXRayIm
 from xray.common.errors import one_line
 
 from . import pdu_limit
+from .destination import Destination, DicomWebDestination
 from .outbox import Outbox
 from .reports import build_reports, model_identity
 from .results_log import PatientIdPolicy, ResultsLog
@@ -66,22 +67,6 @@ def decodable_transfer_syntaxes() -> list[UID]:
 
 
 @dataclass(frozen=True)
-class Destination:
-    ae_title: str
-    host: str
-    port: int
-
-    @classmethod
-    def parse(cls, text: str) -> "Destination":
-        """AE@HOST:PORT"""
-        ae, at, rest = text.partition("@")
-        host, colon, port = rest.rpartition(":")
-        if not (at and colon and ae and host and port.isdigit() and 0 < int(port) < 65536 and len(ae) <= 16):
-            raise ValueError(f"{text!r}: expected AE_TITLE@HOST:PORT (AE title of at most 16 characters)")
-        return cls(ae, host, int(port))
-
-
-@dataclass(frozen=True)
 class NodeSettings:
     port: int = 11112
     host: str = "127.0.0.1"
@@ -89,7 +74,8 @@ class NodeSettings:
     allow_ae: tuple[str, ...] = field(default_factory=tuple)  # calling AE titles accepted (empty: any)
     accept_any_called_ae: bool = False  # else the called AE title must be ae_title
     results_dir: Path = Path("xray-dicom-results")
-    send_to: Destination | None = None
+    send_to: Destination | DicomWebDestination | None = None
+    send_credentials: Path | None = None  # a DICOMweb destination's Authorization, read before every request
     max_pdu: int = 65536  # bytes per PDU this node receives
     max_instance_mb: float = 64.0  # an association sending more for one instance is aborted (radiographs: 5-40 MB)
     max_associations: int = 8
@@ -111,13 +97,16 @@ class DicomNode:
         self.identity = model_identity(service)
         self.outbox = Outbox(settings.results_dir) if settings.send_to else None
         self.sender = Sender(settings.send_to, self.outbox, self.results, settings.ae_title,
-                             settings.send_backoff_max_s, settings.send_max_age_h * 3600) if settings.send_to else None
+                             settings.send_backoff_max_s, settings.send_max_age_h * 3600,
+                             credentials=settings.send_credentials) if settings.send_to else None
         if self.outbox is not None:
             service.metrics.outbox_backlog.set_function(self.outbox.backlog)
             service.metrics.outbox_oldest.set_function(self.outbox.oldest_age_s)
         self._received: dict[int, int] = {}  # association id -> bytes received since its last C-STORE
         self._in_flight, self._lock = 0, threading.Lock()
         self._server, self._listening = None, False
+        self.storage_classes = {str(c) for c in CHEST_STORAGE}  # what C-STORE negotiates and STOW-RS checks
+        self.transfer_syntaxes = decodable_transfer_syntaxes()
 
     # ------------------------------------------------------------------ lifecycle
     def start(self):
@@ -128,7 +117,7 @@ class DicomNode:
         ae.maximum_associations = s.max_associations
         ae.require_calling_aet = list(s.allow_ae)
         ae.require_called_aet = not s.accept_any_called_ae
-        syntaxes = decodable_transfer_syntaxes()
+        syntaxes = self.transfer_syntaxes
         for sop_class in CHEST_STORAGE:
             ae.add_supported_context(sop_class, syntaxes)
         ae.add_supported_context(Verification)
@@ -141,6 +130,10 @@ class DicomNode:
         if s.host not in LOOPBACK and not s.allow_ae:
             log.warning("DICOM node on %s accepts any calling AE title: name the modalities and PACS with "
                         "--allow-ae AE (repeatable)", s.host)
+        d = s.send_to
+        if isinstance(d, DicomWebDestination) and d.scheme == "http" and not d.on_loopback:
+            log.warning("reports go to %s over plain HTTP: patient data%s cross the network unencrypted "
+                        "(use dicomweb+https://)", d.where, " and the credentials" if s.send_credentials else "")
         for folder in self.outbox.unreadable if self.outbox else []:
             log.warning("outbox: %s has no readable result.json: left in place, not sent", folder)
             self.results.write("outbox_unreadable", folder=str(folder))
@@ -218,7 +211,7 @@ class DicomNode:
             event.assoc.abort()
 
     # ------------------------------------------------------------------ C-STORE
-    def _busy(self) -> str | None:
+    def busy(self) -> str | None:
         """Why the node cannot take an instance now (answered 0xA700: the sender retries later), or None."""
         service = self.service
         if service.draining:
@@ -237,8 +230,19 @@ class DicomNode:
         try:
             ds = event.dataset
             ds.file_meta = event.file_meta
-            ids.update(identifiers(ds))
         except Exception as e:  # the only case for "cannot understand": the dataset does not parse
+            self.results.write("instance", status="error", reason=f"cannot read the dataset ({one_line(e)})", **ids)
+            return STATUS_CANNOT_UNDERSTAND
+        return self.receive(ds, event.encoded_dataset, ids, start)
+
+    def receive(self, ds, encoded, ids: dict, start: float | None = None) -> int:
+        """One instance, from a C-STORE or a STOW-RS part (serve.dicom.stow): checked, classified, logged and its
+        report kept in the outbox. encoded() gives the instance's bytes (asked only when it is classified).
+        Returns the DIMSE status: 0x0000 received (classified or not), 0xA700 not now, 0xC000 unreadable."""
+        start = time.perf_counter() if start is None else start
+        try:
+            ids.update(identifiers(ds))
+        except Exception as e:
             self.results.write("instance", status="error", reason=f"cannot read the dataset ({one_line(e)})", **ids)
             return STATUS_CANNOT_UNDERSTAND
         reason = not_for_the_model(ds)
@@ -246,16 +250,16 @@ class DicomNode:
             self.results.write("instance", status="not_classified", reason=reason, **ids, model=self.model_fields)
             return STATUS_OK
         with self._lock:
-            busy = self._busy()
+            busy = self.busy()
             if busy is None:
                 self._in_flight += 1
         if busy:
             self.results.write("instance", status="deferred", reason=f"{busy}: answered 0xA700, to be resent", **ids)
             return STATUS_OUT_OF_RESOURCES
         try:
-            return self._classify_and_keep(event, ds, ids, start)
+            return self._classify_and_keep(encoded, ds, ids, start)
         except Exception as e:  # onnxruntime, a full disk: transient for the sender, which resends on 0xA7xx
-            log.exception("C-STORE of %s failed", ids.get("sop_instance_uid"))
+            log.exception("instance %s failed", ids.get("sop_instance_uid"))
             self.results.write("instance", status="deferred", reason=f"internal error ({one_line(e)}): answered "
                                                                      "0xA700, to be resent", **ids)
             return STATUS_OUT_OF_RESOURCES
@@ -263,8 +267,8 @@ class DicomNode:
             with self._lock:
                 self._in_flight -= 1
 
-    def _classify_and_keep(self, event, ds, ids, start) -> int:
-        data = event.encoded_dataset()
+    def _classify_and_keep(self, encoded, ds, ids, start) -> int:
+        data = encoded()
         want_cam = bool(self.sender and self.settings.send_heatmap and self.service.model.has_cam)
         record, timing, drawn = self.service.classify_blocking(data, f"{ids['sop_instance_uid']}.dcm", cam=want_cam)
         timing["total_ms"] = round((time.perf_counter() - start) * 1e3, 2)

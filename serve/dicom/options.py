@@ -15,7 +15,12 @@ _OPTIONS = [
                  help="Calling AE titles the node accepts (repeatable; default: any)."),
     click.option("--results", "results_dir", type=click.Path(file_okay=False), default="xray-dicom-results",
                  show_default=True, help="Folder of the node's results.jsonl and of the reports' outbox (0700)."),
-    click.option("--send-to", metavar="AE@HOST:PORT", help="Send a DICOM Structured Report per instance there."),
+    click.option("--send-to", metavar="AE@HOST:PORT|URL",
+                 help="Send a DICOM Structured Report per instance there: by C-STORE to AE@HOST:PORT, or by DICOMweb "
+                      "STOW-RS to dicomweb+https://HOST[:PORT]/ROOT (POST ROOT/studies; dicomweb+http:// too)."),
+    click.option("--send-credentials", type=click.Path(dir_okay=False), metavar="FILE",
+                 help="With a dicomweb+ --send-to: the first line 'Bearer TOKEN' or 'user:password' (HTTP Basic), "
+                      "read again before every request (replace the file to renew a token)."),
     click.option("--max-instance-mb", type=click.FloatRange(min=0.001), default=64.0, show_default=True,
                  help="An association sending a larger instance is aborted."),
     click.option("--send-heatmap", is_flag=True,
@@ -44,17 +49,19 @@ def dicom_options(func):
     return func
 
 
-def node_settings_from(host, dicom_port, ae_title, allow_ae, results_dir, send_to, send_heatmap, send_backoff_max_s,
-                       send_max_age_h, accept_any_called_ae, log_patient_id, patient_id_key, max_instance_mb,
-                       max_associations, max_pdu_kb):
+def node_settings_from(host, dicom_port, ae_title, allow_ae, results_dir, send_to, send_credentials, send_heatmap,
+                       send_backoff_max_s, send_max_age_h, accept_any_called_ae, log_patient_id, patient_id_key,
+                       max_instance_mb, max_associations, max_pdu_kb):
     """The node's settings, or None without --dicom-port (then its other options are a mistake)."""
     if dicom_port is None:
-        if send_to or allow_ae or send_heatmap:
-            raise XrayError("--send-to / --send-heatmap / --allow-ae configure the DICOM node: add --dicom-port PORT")
+        if send_to or allow_ae or send_heatmap or send_credentials:
+            raise XrayError("--send-to / --send-credentials / --send-heatmap / --allow-ae configure the DICOM node: "
+                            "add --dicom-port PORT")
         return None
     if send_heatmap and not send_to:
-        raise XrayError("--send-heatmap needs --send-to AE@HOST:PORT")
-    from .node import Destination, NodeSettings
+        raise XrayError("--send-heatmap needs --send-to AE@HOST:PORT or a dicomweb+https:// URL")
+    from .destination import parse_destination
+    from .node import NodeSettings
     from .results_log import PatientIdPolicy
 
     PatientIdPolicy(log_patient_id, patient_id_key)  # a missing or short key fails here, before anything starts
@@ -62,12 +69,30 @@ def node_settings_from(host, dicom_port, ae_title, allow_ae, results_dir, send_t
         if not title.strip() or len(title) > 16 or "\\" in title:
             raise XrayError(f"AE title {title!r}: 1 to 16 characters, no backslash")
     try:
-        destination = Destination.parse(send_to) if send_to else None
+        destination = parse_destination(send_to) if send_to else None
     except ValueError as e:
         raise XrayError(f"--send-to {e}") from None
+    if send_credentials:
+        check_credentials(send_credentials, destination)
     return NodeSettings(port=dicom_port, host=host, ae_title=ae_title, allow_ae=tuple(allow_ae),
                         results_dir=Path(results_dir), send_to=destination, max_pdu=max_pdu_kb * 1024,
+                        send_credentials=Path(send_credentials) if send_credentials else None,
                         max_instance_mb=max_instance_mb, max_associations=max_associations, send_heatmap=send_heatmap,
                         send_backoff_max_s=send_backoff_max_s, send_max_age_h=send_max_age_h,
                         accept_any_called_ae=accept_any_called_ae, log_patient_id=log_patient_id,
                         patient_id_key=Path(patient_id_key) if patient_id_key else None)
+
+
+def check_credentials(path: str, destination):
+    """--send-credentials goes with a DICOMweb --send-to, and must give a header now (at send time a bad file is
+    only a retry: the cron job renewing it may be mid-write)."""
+    from .credentials import CredentialsError, authorization_header
+    from .destination import DicomWebDestination
+
+    if not isinstance(destination, DicomWebDestination):
+        raise XrayError("--send-credentials is for a DICOMweb destination: --send-to dicomweb+https://HOST/ROOT "
+                        "(a DIMSE AE@HOST:PORT takes no credentials)")
+    try:
+        authorization_header(Path(path))
+    except CredentialsError as e:
+        raise XrayError(str(e)) from None

@@ -1,59 +1,56 @@
 """Drains the outbox to --send-to, on its own thread: a slow or absent PACS never blocks receiving.
 
-Results go oldest first, over one association per round. A failure that may pass (no association, a timeout,
-an abort, 0xA7xx out of resources) ends the round and waits a back-off that doubles from 1 s up to
---send-backoff-max-s; the results stay in the outbox, across restarts, until delivered or older than
---send-max-age-h. Every result ends in exactly one terminal line in results.jsonl:
-- sr_sent: stored (0x0000, or a warning 0xB000 / 0xB006 / 0xB007: stored with a remark);
-- sr_refused: the PACS answered a permanent failure (0xA9xx, 0xCxxx, ...): kept in refused/ with the status;
+One loop whatever the wire: the transport (DIMSE C-STORE in dimse_client, DICOMweb STOW-RS in stow_client) says
+what each try meant (transport.Outcome); this file owns the order, the back-off and the events. Results go
+oldest first, in rounds (one association, for DIMSE). A failure that may pass (no connection, a timeout, out of
+resources, HTTP 5xx / 429 / 401) ends the round and waits a back-off that doubles from 1 s up to
+--send-backoff-max-s (longer if the archive said Retry-After, never past that maximum); the results stay in the
+outbox, across restarts, until delivered or older than --send-max-age-h. Every result ends in exactly one terminal
+line in results.jsonl:
+- sr_sent: stored (DIMSE: 0x0000 or a warning 0xBxxx; DICOMweb: the SR stored, a `warning` naming what was not);
+- sr_refused: the destination answered a permanent failure: kept in refused/ with the status;
 - sr_expired: still undelivered after --send-max-age-h: kept in expired/.
+and `send_waiting` says once per outage that reports wait, and why.
 """
 from __future__ import annotations
 
 import logging
 import threading
 import time
+from pathlib import Path
 
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE
-from pynetdicom.sop_class import ComprehensiveSRStorage, SecondaryCaptureImageStorage
-
+from .destination import DicomWebDestination
+from .dimse_client import DimseTransport
 from .outbox import Entry, Outbox
+from .stow_client import StowTransport
+from .transport import REFUSED, RETRY, Outcome
 
 log = logging.getLogger("xray.serve.dicom")
-SENT, RETRY, REFUSED = "sent", "retry", "refused"
 
 
-def outcome(status: int | None) -> str:
-    """What a C-STORE status means for the result (PS3.4 Annex B, PS3.7 C)."""
-    if status is None:
-        return RETRY  # no answer: timeout, abort, connection lost
-    if status == 0x0000 or (status >> 12) == 0xB:
-        return SENT  # success, or stored with a warning
-    if (status >> 8) == 0xA7:
-        return RETRY  # out of resources: try again later
-    return REFUSED  # 0xA9xx data set does not match the SOP class, 0xCxxx cannot understand, 0x0122, ...
+def transport_for(destination, ae_title: str, credentials: Path | None = None, timeout_s: float = 30.0):
+    """The transport --send-to names: STOW-RS for a DICOMweb URL, else C-STORE to AE@HOST:PORT."""
+    if isinstance(destination, DicomWebDestination):
+        return StowTransport(destination, credentials, timeout_s)
+    return DimseTransport(destination, ae_title, timeout_s)
 
 
 class Sender:
     def __init__(self, destination, outbox: Outbox, results, ae_title: str, backoff_max_s: float = 60.0,
-                 max_age_s: float = 168 * 3600.0, backoff_base_s: float = 1.0, timeout_s: float = 30.0):
-        self.destination, self.outbox, self.results = destination, outbox, results
+                 max_age_s: float = 168 * 3600.0, backoff_base_s: float = 1.0, timeout_s: float = 30.0,
+                 credentials: Path | None = None):
+        self.transport = transport_for(destination, ae_title, credentials, timeout_s)
+        self.outbox, self.results = outbox, results
         self.backoff_max_s, self.max_age_s, self.backoff_base_s = backoff_max_s, max_age_s, backoff_base_s
         self.failures = 0  # consecutive failed rounds: the back-off's exponent
+        self.retry_after_s: float | None = None  # what the destination asked for after the last failed round
         self._wake, self._stop = threading.Event(), threading.Event()
         self._thread = threading.Thread(target=self._loop, name="xray-sr-sender", daemon=True)
-        self.ae = AE(ae_title=ae_title)
-        for sop_class in (ComprehensiveSRStorage, SecondaryCaptureImageStorage):
-            self.ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-        # bounded waits: an unreachable host must not hold the sender for the OS connect timeout (minutes)
-        self.ae.connection_timeout = min(timeout_s, 10.0)
-        self.ae.acse_timeout = self.ae.dimse_timeout = self.ae.network_timeout = timeout_s
 
     @property
     def where(self) -> str:
-        d = self.destination
-        return f"{d.ae_title}@{d.host}:{d.port}"
+        """The destination as logs and /health/ready show it (never a credential)."""
+        return self.transport.where
 
     def start(self):
         self._thread.start()
@@ -69,12 +66,14 @@ class Sender:
         self._thread.join(timeout)
 
     def backoff_s(self) -> float:
-        return min(self.backoff_base_s * 2 ** max(self.failures - 1, 0), self.backoff_max_s)
+        wait = min(self.backoff_base_s * 2 ** max(self.failures - 1, 0), self.backoff_max_s)
+        return min(max(wait, self.retry_after_s or 0.0), self.backoff_max_s)
 
     # ------------------------------------------------------------------ the loop
     def _loop(self):
         while not self._stop.is_set():
             self._wake.clear()
+            self.retry_after_s = None
             try:
                 ok = self.send_round()
             except Exception:  # a bug must not end the thread: the results wait on disk for the next round
@@ -91,51 +90,42 @@ class Sender:
         entries = [e for e in self.outbox.entries() if not self._expire(e)]
         if not entries:
             return True
-        assoc = self.ae.associate(self.destination.host, self.destination.port, ae_title=self.destination.ae_title)
-        if not assoc.is_established:
-            entries[0].attempts += 1
-            self._note_retry(f"no association with {self.where} (refused, unreachable or timed out)")
-            return False
         try:
+            trouble = self.transport.open_round()
+            if trouble is not None:
+                entries[0].attempts += 1
+                self._note_retry(trouble)
+                return False
             for entry in entries:
                 if self._stop.is_set():
                     return True
-                if not self._send(assoc, entry):
+                entry.attempts += 1
+                result = self.transport.send(entry)
+                if result.kind == RETRY:
+                    self._note_retry(result)
                     return False
+                if result.kind == REFUSED:
+                    self._refuse(entry, result)
+                else:
+                    self._delivered(entry, result)
             return True
         finally:
-            if assoc.is_established:
-                assoc.release()
+            self.transport.close()
 
-    def _send(self, assoc, entry: Entry) -> bool:
-        entry.attempts += 1
-        statuses = []
-        for ds in entry.datasets():
-            try:
-                status = getattr(assoc.send_c_store(ds), "Status", None)
-            except ValueError as e:  # the PACS accepted no presentation context for this SOP class
-                return self._refuse(entry, None, f"{self.where} does not accept {ds.SOPClassUID.name}: {e}")
-            kind = outcome(status)
-            if kind == RETRY:
-                self._note_retry(f"C-STORE of {ds.SOPClassUID.name}: "
-                                        f"{'no answer' if status is None else f'status 0x{status:04X}'}")
-                return False
-            if kind == REFUSED:
-                return self._refuse(entry, status, f"C-STORE of {ds.SOPClassUID.name} refused with status "
-                                                   f"0x{status:04X}")
-            statuses.append(f"0x{status:04X}")
+    # ------------------------------------------------------------------ terminal events
+    def _delivered(self, entry: Entry, result: Outcome):
         self.outbox.delivered(entry)
+        if result.fields.get("warning"):
+            log.warning("report for %s stored by %s with a remark: %s", entry.source_uid, self.where,
+                        result.fields["warning"])
         self.results.write("sr_sent", sop_instance_uid=entry.source_uid, **entry.uids(), destination=self.where,
-                           attempts=entry.attempts, statuses=statuses)
-        return True
+                           attempts=entry.attempts, **result.fields)
 
-    def _refuse(self, entry: Entry, status, reason: str) -> bool:
-        kept = self.outbox.set_aside(entry, "refused", status=status, reason=reason, destination=self.where)
-        log.error("report for %s refused by %s: %s (kept in %s)", entry.source_uid, self.where, reason, kept)
+    def _refuse(self, entry: Entry, result: Outcome):
+        kept = self.outbox.set_aside(entry, "refused", reason=result.reason, destination=self.where, **result.fields)
+        log.error("report for %s refused by %s: %s (kept in %s)", entry.source_uid, self.where, result.reason, kept)
         self.results.write("sr_refused", sop_instance_uid=entry.source_uid, **entry.uids(), destination=self.where,
-                           status=None if status is None else f"0x{status:04X}", reason=reason,
-                           attempts=entry.attempts, kept=str(kept))
-        return True  # the next result may be fine
+                           **result.fields, reason=result.reason, attempts=entry.attempts, kept=str(kept))
 
     def _expire(self, entry: Entry) -> bool:
         age = time.time() - entry.created
@@ -147,8 +137,12 @@ class Sender:
                            attempts=entry.attempts, age_h=round(age / 3600, 3), kept=str(kept))
         return True
 
-    def _note_retry(self, reason: str):
+    def _note_retry(self, result: Outcome):
+        self.retry_after_s = result.retry_after_s
         if self.failures == 0:  # one line per outage, not one per try
             log.warning("reports to %s wait (%d in the outbox): %s; retrying with back-off up to %g s", self.where,
-                        self.outbox.backlog(), reason, self.backoff_max_s)
-            self.results.write("send_waiting", destination=self.where, backlog=self.outbox.backlog(), reason=reason)
+                        self.outbox.backlog(), result.reason, self.backoff_max_s)
+            self.results.write("send_waiting", destination=self.where, backlog=self.outbox.backlog(),
+                               reason=result.reason)
+        else:
+            log.debug("reports to %s still wait: %s", self.where, result.reason)

@@ -1,0 +1,66 @@
+"""The DIMSE transport of the Sender: one association per round, a C-STORE per object (the SR, then its heatmap SC).
+
+C-STORE statuses (PS3.4 Annex B, PS3.7 C): 0x0000 or a warning 0xBxxx (stored with a remark) is sent;
+0xA7xx out of resources, no answer, an abort or a timeout may pass (retry); anything else (0xA9xx data set does
+not match the SOP class, 0xCxxx cannot understand, 0x0122 SOP class not supported, ...) is refused.
+"""
+from __future__ import annotations
+
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.sop_class import ComprehensiveSRStorage, SecondaryCaptureImageStorage
+
+from .destination import Destination
+from .outbox import Entry
+from .transport import REFUSED, RETRY, SENT, Outcome
+
+
+def outcome(status: int | None) -> str:
+    """What a C-STORE status means for the result."""
+    if status is None:
+        return RETRY  # no answer: timeout, abort, connection lost
+    if status == 0x0000 or (status >> 12) == 0xB:
+        return SENT  # success, or stored with a warning
+    if (status >> 8) == 0xA7:
+        return RETRY  # out of resources: try again later
+    return REFUSED
+
+
+class DimseTransport:
+    def __init__(self, destination: Destination, ae_title: str, timeout_s: float = 30.0):
+        self.destination, self.where = destination, destination.where
+        self.ae = AE(ae_title=ae_title)
+        for sop_class in (ComprehensiveSRStorage, SecondaryCaptureImageStorage):
+            self.ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        # bounded waits: an unreachable host must not hold the sender for the OS connect timeout (minutes)
+        self.ae.connection_timeout = min(timeout_s, 10.0)
+        self.ae.acse_timeout = self.ae.dimse_timeout = self.ae.network_timeout = timeout_s
+        self.assoc = None
+
+    def open_round(self) -> Outcome | None:
+        d = self.destination
+        self.assoc = self.ae.associate(d.host, d.port, ae_title=d.ae_title)
+        if not self.assoc.is_established:
+            return Outcome.retry(f"no association with {self.where} (refused, unreachable or timed out)")
+        return None
+
+    def send(self, entry: Entry) -> Outcome:
+        statuses = []
+        for ds in entry.datasets():
+            name = ds.SOPClassUID.name
+            try:
+                status = getattr(self.assoc.send_c_store(ds), "Status", None)
+            except ValueError as e:  # the PACS accepted no presentation context for this SOP class
+                return Outcome.refused(f"{self.where} does not accept {name}: {e}", status=None)
+            kind = outcome(status)
+            if kind == RETRY:
+                return Outcome.retry(f"C-STORE of {name}: {'no answer' if status is None else f'status 0x{status:04X}'}")
+            if kind == REFUSED:
+                return Outcome.refused(f"C-STORE of {name} refused with status 0x{status:04X}", status=f"0x{status:04X}")
+            statuses.append(f"0x{status:04X}")
+        return Outcome.sent(statuses=statuses)
+
+    def close(self):
+        if self.assoc is not None and self.assoc.is_established:
+            self.assoc.release()
+        self.assoc = None
