@@ -55,6 +55,10 @@ def create_app(model: EdgeModel, settings: Settings, node_settings=None) -> Fast
     model_openapi(app, list(model.info.classes), model.has_cam, settings.max_files)
     app.state.service, app.state.node, app.state.failed = service, node, None
     app.include_router(router)
+    if node is not None and node.settings.dicomweb:
+        from .dicom.stow_routes import router as stow_router
+
+        app.include_router(stow_router)
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
     app.mount("/docs/static", StaticFiles(directory=str(SWAGGER_UI)), name="docs-static")
     add_middleware(app, settings, metrics)

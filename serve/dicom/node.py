@@ -68,7 +68,8 @@ def decodable_transfer_syntaxes() -> list[UID]:
 
 @dataclass(frozen=True)
 class NodeSettings:
-    port: int = 11112
+    port: int | None = 11112  # None: no DIMSE listener (STOW-RS only)
+    dicomweb: bool = False  # POST /dicomweb/studies (serve.dicom.stow_routes)
     host: str = "127.0.0.1"
     ae_title: str = "XRAY_EDGE"
     allow_ae: tuple[str, ...] = field(default_factory=tuple)  # calling AE titles accepted (empty: any)
@@ -110,26 +111,9 @@ class DicomNode:
 
     # ------------------------------------------------------------------ lifecycle
     def start(self):
+        """Listen for DIMSE (with a port), start the sender, log what the node takes and where reports go."""
         s = self.settings
-        pdu_limit.install()
-        ae = AE(ae_title=s.ae_title)
-        ae.maximum_pdu_size = s.max_pdu
-        ae.maximum_associations = s.max_associations
-        ae.require_calling_aet = list(s.allow_ae)
-        ae.require_called_aet = not s.accept_any_called_ae
-        syntaxes = self.transfer_syntaxes
-        for sop_class in CHEST_STORAGE:
-            ae.add_supported_context(sop_class, syntaxes)
-        ae.add_supported_context(Verification)
-        handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_ACCEPTED, self._on_accepted),
-                    (evt.EVT_REJECTED, self._on_rejected), (evt.EVT_DATA_RECV, self._on_data),
-                    (evt.EVT_ABORTED, self._on_aborted)]
-        self._server = ae.start_server((s.host, s.port), block=False, evt_handlers=handlers)
-        self._listening = True
-        self.port = self._server.server_address[1]
-        if s.host not in LOOPBACK and not s.allow_ae:
-            log.warning("DICOM node on %s accepts any calling AE title: name the modalities and PACS with "
-                        "--allow-ae AE (repeatable)", s.host)
+        self.port = self._listen() if s.port is not None else None
         d = s.send_to
         if isinstance(d, DicomWebDestination) and d.scheme == "http" and not d.on_loopback:
             log.warning("reports go to %s over plain HTTP: patient data%s cross the network unencrypted "
@@ -139,11 +123,34 @@ class DicomNode:
             self.results.write("outbox_unreadable", folder=str(folder))
         if self.sender:
             self.sender.start()
-        log.info("DICOM node %s listening on %s:%d (storage: CR, DX, SC; %d transfer syntaxes)%s", s.ae_title,
-                 s.host, self.port, len(syntaxes), f"; SRs to {self.sender.where}, {self.outbox.backlog()} "
-                 "waiting in the outbox" if self.sender else "")
-        self.results.write("node_started", ae_title=s.ae_title, port=self.port, model=self.model_fields,
-                           outbox_backlog=self.outbox.backlog() if self.outbox else None)
+        takes = [f"listening on {s.host}:{self.port} (storage: CR, DX, SC; {len(self.transfer_syntaxes)} "
+                 "transfer syntaxes)"] if self.port is not None else []
+        takes += ["taking STOW-RS at POST /dicomweb/studies"] if s.dicomweb else []
+        log.info("DICOM node %s %s%s", s.ae_title, ", ".join(takes), f"; SRs to {self.sender.where}, "
+                 f"{self.outbox.backlog()} waiting in the outbox" if self.sender else "")
+        self.results.write("node_started", ae_title=s.ae_title, port=self.port, dicomweb=s.dicomweb,
+                           model=self.model_fields, outbox_backlog=self.outbox.backlog() if self.outbox else None)
+
+    def _listen(self) -> int:
+        s = self.settings
+        pdu_limit.install()
+        ae = AE(ae_title=s.ae_title)
+        ae.maximum_pdu_size = s.max_pdu
+        ae.maximum_associations = s.max_associations
+        ae.require_calling_aet = list(s.allow_ae)
+        ae.require_called_aet = not s.accept_any_called_ae
+        for sop_class in CHEST_STORAGE:
+            ae.add_supported_context(sop_class, self.transfer_syntaxes)
+        ae.add_supported_context(Verification)
+        handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_ACCEPTED, self._on_accepted),
+                    (evt.EVT_REJECTED, self._on_rejected), (evt.EVT_DATA_RECV, self._on_data),
+                    (evt.EVT_ABORTED, self._on_aborted)]
+        self._server = ae.start_server((s.host, s.port), block=False, evt_handlers=handlers)
+        self._listening = True
+        if s.host not in LOOPBACK and not s.allow_ae:
+            log.warning("DICOM node on %s accepts any calling AE title: name the modalities and PACS with "
+                        "--allow-ae AE (repeatable)", s.host)
+        return self._server.server_address[1]
 
     def stop_listening(self):
         """No new associations (SIGTERM); those in progress go on until stop(). Called from the signal's thread

@@ -10,6 +10,9 @@ from xray.common.errors import XrayError
 _OPTIONS = [
     click.option("--dicom-port", type=click.IntRange(0, 65535), default=None,
                  help="Also run a DICOM node (C-ECHO, C-STORE of CR/DX/SC) on this port (e.g. 11112)."),
+    click.option("--dicomweb", is_flag=True,
+                 help="Also take instances by DICOMweb STOW-RS at POST /dicomweb/studies[/{study}] (the node's "
+                      "checks, results.jsonl and reports; with or without --dicom-port)."),
     click.option("--ae-title", default="XRAY_EDGE", show_default=True, help="The DICOM node's AE title."),
     click.option("--allow-ae", "allow_ae", multiple=True, metavar="AE",
                  help="Calling AE titles the node accepts (repeatable; default: any)."),
@@ -49,15 +52,18 @@ def dicom_options(func):
     return func
 
 
-def node_settings_from(host, dicom_port, ae_title, allow_ae, results_dir, send_to, send_credentials, send_heatmap,
+def node_settings_from(host, dicom_port, dicomweb, ae_title, allow_ae, results_dir, send_to, send_credentials, send_heatmap,
                        send_backoff_max_s, send_max_age_h, accept_any_called_ae, log_patient_id, patient_id_key,
                        max_instance_mb, max_associations, max_pdu_kb):
-    """The node's settings, or None without --dicom-port (then its other options are a mistake)."""
-    if dicom_port is None:
+    """The node's settings, or None without --dicom-port and --dicomweb (then its other options are a mistake).
+    port None: the node takes instances by STOW-RS only."""
+    if dicom_port is None and not dicomweb:
         if send_to or allow_ae or send_heatmap or send_credentials:
             raise XrayError("--send-to / --send-credentials / --send-heatmap / --allow-ae configure the DICOM node: "
-                            "add --dicom-port PORT")
+                            "add --dicom-port PORT or --dicomweb")
         return None
+    if allow_ae and dicom_port is None:
+        raise XrayError("--allow-ae names the AE titles of DIMSE callers: add --dicom-port PORT")
     if send_heatmap and not send_to:
         raise XrayError("--send-heatmap needs --send-to AE@HOST:PORT or a dicomweb+https:// URL")
     from .destination import parse_destination
@@ -74,7 +80,7 @@ def node_settings_from(host, dicom_port, ae_title, allow_ae, results_dir, send_t
         raise XrayError(f"--send-to {e}") from None
     if send_credentials:
         check_credentials(send_credentials, destination)
-    return NodeSettings(port=dicom_port, host=host, ae_title=ae_title, allow_ae=tuple(allow_ae),
+    return NodeSettings(port=dicom_port, dicomweb=dicomweb, host=host, ae_title=ae_title, allow_ae=tuple(allow_ae),
                         results_dir=Path(results_dir), send_to=destination, max_pdu=max_pdu_kb * 1024,
                         send_credentials=Path(send_credentials) if send_credentials else None,
                         max_instance_mb=max_instance_mb, max_associations=max_associations, send_heatmap=send_heatmap,

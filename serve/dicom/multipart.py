@@ -1,0 +1,86 @@
+"""multipart/related bodies (RFC 2387) as STOW-RS sends them: one DICOM file per part.
+
+The parts are found with bytes.find on the boundary: the body is already in memory (under --max-upload-mb),
+and the stdlib email parser would decode megabytes of pixel data as text."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from email.message import Message
+
+
+class MultipartError(ValueError):
+    """The body is not a multipart/related body this endpoint can read (HTTP 400 / 415)."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Part:
+    content_type: str  # lower case, without parameters
+    data: bytes
+
+
+def content_type_params(value: str) -> tuple[str, dict]:
+    """('multipart/related', {'type': 'application/dicom', 'boundary': ...}) from a Content-Type value."""
+    m = Message()
+    m["content-type"] = value
+    return m.get_content_type(), {k.lower(): v for k, v in m.get_params()[1:]}
+
+
+def parse_related(content_type: str, body: bytes, part_type: str = "application/dicom") -> list[Part]:
+    """The parts of a multipart/related body whose root type is part_type (415 for another type)."""
+    kind, params = content_type_params(content_type or "")
+    if kind != "multipart/related":
+        raise MultipartError(f"Content-Type {kind!r}: STOW-RS takes multipart/related; type=\"{part_type}\"", 415)
+    if params.get("type", part_type).lower() != part_type:
+        raise MultipartError(f"multipart/related of type {params['type']!r}: this node takes {part_type} "
+                             "parts only", 415)
+    boundary = params.get("boundary")
+    if not boundary:
+        raise MultipartError("multipart/related without a boundary parameter")
+    delimiter = b"--" + boundary.encode("latin-1")
+    pos = body.find(delimiter)
+    if pos < 0:
+        raise MultipartError("the body does not contain its boundary")
+    parts = []
+    pos += len(delimiter)
+    while not body.startswith(b"--", pos):  # "--boundary--" closes the body
+        line_end = body.find(b"\r\n", pos)
+        end = _next_delimiter(body, delimiter, line_end) if line_end >= 0 else -1
+        if end < 0:
+            raise MultipartError("the body ends before its closing boundary")
+        parts.append(_part(body[line_end + 2:end], part_type))
+        pos = end + 2 + len(delimiter)
+    if not parts:
+        raise MultipartError("the body has no parts")
+    return parts
+
+
+def _next_delimiter(body: bytes, delimiter: bytes, start: int) -> int:
+    """Where CRLF--boundary ends the part that begins at start: only when the line ends there (after optional
+    spaces) or the body closes with "--" (RFC 2046 5.1.1); the same bytes inside a line are content."""
+    needle = b"\r\n" + delimiter
+    at = body.find(needle, start)
+    while at >= 0:
+        after = at + len(needle)
+        if body.startswith(b"--", after) or body[after:after + 64].lstrip(b" \t").startswith(b"\r\n"):
+            return at
+        at = body.find(needle, at + 1)
+    return -1
+
+
+def _part(raw: bytes, default_type: str) -> Part:
+    """One part: its header lines up to the first empty line, then its content."""
+    if raw.startswith(b"\r\n"):  # no headers: the root type
+        return Part(default_type, raw[2:])
+    head_end = raw.find(b"\r\n\r\n")
+    if head_end < 0:
+        raise MultipartError("a part without the empty line that ends its headers")
+    content_type = default_type
+    for line in raw[:head_end].decode("latin-1").split("\r\n"):
+        name, _, value = line.partition(":")
+        if name.strip().lower() == "content-type":
+            content_type = content_type_params(value.strip())[0]
+    return Part(content_type, raw[head_end + 4:])

@@ -1,0 +1,143 @@
+"""STOW-RS in, the pieces without a server: the multipart/related reader and the PS3.18 response."""
+from __future__ import annotations
+
+import pydicom
+import pytest
+
+from xray.serve.dicom.multipart import MultipartError, parse_related
+from xray.serve.dicom.stow import (CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SOP_CLASS_NOT_SUPPORTED, Outcome,
+                                   response)
+
+CT = 'multipart/related; type="application/dicom"; boundary=XyZ-42'
+
+
+def related(*parts: bytes, boundary: str = "XyZ-42", headers: str = "Content-Type: application/dicom\r\n") -> bytes:
+    out = b"preamble, ignored\r\n"
+    for p in parts:
+        out += f"--{boundary}\r\n{headers}\r\n".encode() + p + b"\r\n"
+    return out + f"--{boundary}--\r\nepilogue\r\n".encode()
+
+
+def test_parts_come_back_byte_for_byte_even_when_they_hold_crlf_and_dashes():
+    first, second = b"\r\n--XyZ-4\r\n\x00\xff" * 100, b"--XyZ-42 is not at a line start"
+    parts = parse_related(CT, related(first, second))
+    assert [p.data for p in parts] == [first, second]
+    assert {p.content_type for p in parts} == {"application/dicom"}
+
+
+def test_a_part_without_headers_is_of_the_root_type_and_other_types_are_named():
+    parts = parse_related(CT, related(b"abc", headers=""))
+    assert parts[0].content_type == "application/dicom" and parts[0].data == b"abc"
+    mixed = parse_related(CT, related(b"{}", headers="content-type: Application/DICOM+JSON; charset=utf-8\r\n"))
+    assert mixed[0].content_type == "application/dicom+json"
+
+
+@pytest.mark.parametrize("content_type, body, status, words", [
+    ("application/dicom", b"x", 415, "multipart/related"),
+    ('multipart/related; type="application/dicom+json"; boundary=a', b"x", 415, "application/dicom parts only"),
+    ('multipart/related; type="application/dicom"', b"x", 400, "boundary"),
+    (CT, b"no delimiter here", 400, "does not contain its boundary"),
+    (CT, b"--XyZ-42\r\nContent-Type: application/dicom\r\n\r\npart without its end", 400, "closing boundary"),
+    (CT, b"--XyZ-42--\r\n", 400, "no parts"),
+    (CT, b"--XyZ-42\r\nContent-Type: application/dicom\r\nno empty line\r\n--XyZ-42--", 400, "empty line"),
+])
+def test_bodies_that_are_not_multipart_related_get_one_line_and_their_status(content_type, body, status, words):
+    with pytest.raises(MultipartError) as e:
+        parse_related(content_type, body)
+    assert e.value.status == status and words in str(e.value) and "\n" not in str(e.value)
+
+
+CR = "1.2.840.10008.5.1.4.1.1.1"
+
+
+def _read(payload: dict) -> pydicom.Dataset:
+    return pydicom.Dataset.from_json(payload)
+
+
+def test_the_response_lists_stored_and_failed_instances_with_ps318_statuses():
+    stored, failed = Outcome(CR, "1.2.3"), Outcome("1.2.840.10008.5.1.4.1.1.2", "1.2.4", SOP_CLASS_NOT_SUPPORTED)
+    unreadable = Outcome(None, None, CANNOT_UNDERSTAND)
+    status, payload = response([stored, failed, unreadable])
+    assert status == 202
+    ds = _read(payload)
+    assert [(i.ReferencedSOPClassUID, i.ReferencedSOPInstanceUID) for i in ds.ReferencedSOPSequence] == [(CR, "1.2.3")]
+    assert [i.FailureReason for i in ds.FailedSOPSequence] == [0x0122, 0xC000]
+    assert ds.FailedSOPSequence[0].ReferencedSOPInstanceUID == "1.2.4"
+    assert "ReferencedSOPInstanceUID" not in ds.FailedSOPSequence[1]
+    assert response([stored])[0] == 200 and "00081198" not in response([stored])[1]
+    assert response([failed, unreadable])[0] == 409
+    assert response([Outcome(CR, "1.2.5", OUT_OF_RESOURCES)])[0] == 503  # only "not now": send again
+    assert response([Outcome(CR, "1.2.5", OUT_OF_RESOURCES), failed])[0] == 409
+
+
+class FakeNode:
+    """The DICOM node as stow_routes sees it: busy() and receive(), here scripted."""
+
+    def __init__(self, busy=None, status=0x0000):
+        from xray.serve.dicom.node import CHEST_STORAGE, decodable_transfer_syntaxes
+
+        self._busy, self.status, self.received, self.logged = busy, status, [], []
+        self.storage_classes = {str(c) for c in CHEST_STORAGE}
+        self.transfer_syntaxes = decodable_transfer_syntaxes()
+        self.results = self
+
+    def busy(self):
+        return self._busy
+
+    def receive(self, ds, encoded, ids, start=None):
+        self.received.append((str(ds.SOPInstanceUID), encoded(), ids))
+        return self.status
+
+    def write(self, event, **fields):
+        self.logged.append({"event": event, **fields})
+
+
+def call_stow(node, body: bytes, content_type: str = CT, study: str | None = None):
+    """The route's handler on a bare ASGI request: (status, headers, body)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from starlette.requests import Request
+
+    from xray.serve.dicom.stow_routes import _stow
+
+    chunks = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive():
+        return chunks.pop(0) if chunks else {"type": "http.disconnect"}
+
+    scope = {"type": "http", "method": "POST", "path": "/dicomweb/studies", "query_string": b"",
+             "headers": [(b"content-type", content_type.encode())], "client": ("127.0.0.1", 5),
+             "app": SimpleNamespace(state=SimpleNamespace(node=node))}
+    response = asyncio.run(_stow(Request(scope, receive), study))
+    return response.status_code, response.headers, response.body
+
+
+@pytest.fixture(scope="module")
+def dx(tmp_path_factory):
+    from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation
+    from test_dicom_node import write_dicom
+    from test_infer import radiograph
+
+    return write_dicom(tmp_path_factory.mktemp("dx") / "dx.dcm", radiograph(128, seed=1),
+                       DigitalXRayImageStorageForPresentation, 16)
+
+
+def test_a_busy_node_answers_503_with_retry_after_before_reading(dx):
+    node = FakeNode(busy="the model is still loading")
+    status, headers, body = call_stow(node, related(dx.read_bytes()))
+    assert status == 503 and headers["retry-after"] == "5" and b"still loading" in body and node.received == []
+
+
+def test_parts_the_node_cannot_take_now_are_503_and_stored_ones_reach_receive_whole(dx):
+    import json
+
+    data = dx.read_bytes()
+    status, headers, body = call_stow(FakeNode(status=0xA700), related(data))
+    assert status == 503 and headers["retry-after"] == "5"
+    assert [i["00081197"]["Value"][0] for i in json.loads(body)["00081198"]["Value"]] == [0xA700]
+    node = FakeNode()
+    status, headers, body = call_stow(node, related(data, data))
+    assert status == 200 and headers["content-type"] == "application/dicom+json"
+    assert [(r[1] == data, r[2]["received_by"], r[2]["client"]) for r in node.received] == [(True, "STOW-RS",
+                                                                                             "127.0.0.1")] * 2
