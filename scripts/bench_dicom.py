@@ -1,6 +1,8 @@
 #!/usr/bin/env python
 """The DICOM node under load on 127.0.0.1: instances per second received + classified over one association
-and over four, against xray-infer on the same images as DICOM and as PNG files on disk; then the same with
+and over four, against xray-infer on the same images as DICOM and as PNG files on disk; the same instances by
+DICOMweb STOW-RS into the same server process (xray-serve --dicom-port and --dicomweb): one instance per
+request and 8 per request from one keep-alive client, and one per request from four clients; then C-STORE with
 --send-to a PACS (a pynetdicom SCP in this process): each report built, fsynced into the outbox before the
 C-STORE is answered, and delivered — timed until the last SR has reached the PACS. Torch-free.
 
@@ -8,10 +10,14 @@ C-STORE is answered, and delivered — timed until the last SR has reached the P
 
 Instances are DX (16-bit words, 12 bits stored, MONOCHROME2) generated from the synthetic chest renderer at
 1200-2000 px, the size digital radiographs arrive in; every C-STORE must return 0x0000 and every instance
-must appear in results.jsonl as classified, or the run fails.
+must appear in results.jsonl as classified, or the run fails. STOW-RS requests carry the files' bytes (encoded
+before the clock starts, as C-STORE sends datasets already in memory); every request must be answered 200 with
+each of its instances in the ReferencedSOPSequence and no FailedSOPSequence, and every instance must appear in
+results.jsonl as classified and received_by STOW-RS. The clock runs from the first send to the last answer.
 """
 from __future__ import annotations
 
+import io
 import json
 import re
 import signal
@@ -34,9 +40,12 @@ from make_synthetic import Anatomy, render  # noqa: E402
 from send_dicom import make_ae, send  # noqa: E402
 
 from xray.common.cpu import cpu_model, int8_dot_product  # noqa: E402
+from xray.serve.dicom.stow_client import multipart_related, parse_answer  # noqa: E402
 
 BIN = Path(sys.executable).parent
 DX = "1.2.840.10008.5.1.4.1.1.1.1"
+STOW_BATCH = 8  # instances per request in the "N per request" row
+STOW_MAX_UPLOAD_MB = 1024  # --max-upload-mb: 8 instances of up to 2000 x 2000 16-bit words in one request
 
 
 def make_files(folder: Path, n: int, seed: int = 3) -> tuple[list[Path], list[Path]]:
@@ -80,14 +89,16 @@ def infer_rate(model: str, folder: Path, one: Path) -> dict:
 
 
 def start_node(model: str, results: Path, log_path: Path, *extra):
+    """xray-serve with a DICOM node; (process, DICOM port, HTTP port)."""
     log = open(log_path, "w")
     proc = subprocess.Popen([BIN / "xray-serve", "--model", model, "--port", "0", "--dicom-port", "0", "--results",
                              results, "--max-associations", "8", *extra], stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         text = log_path.read_text()
-        if (m := re.search(r"DICOM node \S+ listening on 127\.0\.0\.1:(\d+)", text)) and "ready" in text:
-            return proc, int(m.group(1))
+        if ((m := re.search(r"DICOM node \S+ listening on 127\.0\.0\.1:(\d+)", text)) and "ready" in text
+                and (h := re.search(r"Uvicorn running on http://127\.0\.0\.1:(\d+)", text))):
+            return proc, int(m.group(1)), int(h.group(1))
         if proc.poll() is not None:
             break
         time.sleep(0.1)
@@ -114,24 +125,75 @@ def store_all(port: int, datasets, associations: int) -> float:
     return elapsed
 
 
+def stow_all(http_port: int, datasets, per_request: int, clients: int) -> float:
+    """The datasets by STOW-RS, `per_request` instances a request, from `clients` threads each with its own
+    keep-alive requests.Session; seconds from the first send to the last answer."""
+    import threading
+
+    import requests
+
+    url = f"http://127.0.0.1:{http_port}/dicomweb/studies"
+    files = []
+    for _, ds in datasets:  # the files' bytes, before the clock (C-STORE too sends datasets already in memory)
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        files.append((str(ds.SOPInstanceUID), buf.getvalue()))
+    bodies = [({uid for uid, _ in chunk}, *multipart_related([data for _, data in chunk]))
+              for chunk in (files[i:i + per_request] for i in range(0, len(files), per_request))]
+    problems: list = []
+
+    def client(mine):
+        with requests.Session() as session:
+            for uids, body, content_type in mine:
+                r = session.post(url, data=body, timeout=600,
+                                 headers={"Content-Type": content_type, "Accept": "application/dicom+json"})
+                answer = parse_answer(r.content)
+                if r.status_code != 200 or answer.failed or set(answer.stored) != uids:
+                    problems.append(f"HTTP {r.status_code}: {len(answer.stored)}/{len(uids)} stored, failed "
+                                    f"{answer.failed or answer.text}")
+
+    threads = [threading.Thread(target=client, args=(bodies[k::clients],)) for k in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(600)
+    elapsed = time.perf_counter() - t0
+    if problems or any(t.is_alive() for t in threads):
+        raise SystemExit(f"{len(problems)} STOW-RS requests failed ({problems[:3]})")
+    return elapsed
+
+
 def renew(datasets):
     """New SOP Instance UIDs: each round sends new instances."""
     for _, ds in datasets:
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
 
 
-def check_logged(results: Path, expected: int, timeout: float = 30) -> dict:
-    """Every instance answered in results.jsonl (polled: the last line may still be on its way)."""
+def check_logged(results: Path, expected: int, timeout: float = 30, stow: int = 0) -> dict:
+    """Every instance answered in results.jsonl (polled: the last line may still be on its way); `stow` of
+    them received by STOW-RS."""
     deadline = time.monotonic() + timeout
     while True:
         lines = (results / "results.jsonl").read_text().splitlines()
-        statuses = [r["status"] for r in map(json.loads, lines) if r["event"] == "instance"]
+        records = [r for r in map(json.loads, lines) if r["event"] == "instance"]
+        statuses = [r["status"] for r in records]
         answered = statuses.count("classified") + statuses.count("out_of_distribution")
-        if answered == expected:
+        by_stow = sum(r.get("received_by") == "STOW-RS" and r["status"] in ("classified", "out_of_distribution")
+                      for r in records)
+        if answered == expected and by_stow == stow:
             return {s: statuses.count(s) for s in sorted(set(statuses))}
         if time.monotonic() > deadline:
-            raise SystemExit(f"results.jsonl answers {answered} instances, expected {expected}")
+            raise SystemExit(f"results.jsonl answers {answered} instances ({by_stow} by STOW-RS), expected "
+                             f"{expected} ({stow})")
         time.sleep(0.1)
+
+
+STOW_ROWS = (("node_stow_1_per_request_per_s", 1, 1), ("node_stow_batch_per_request_per_s", STOW_BATCH, 1),
+             ("node_stow_1_per_request_4_clients_per_s", 1, 4))  # (key, instances per request, clients)
+STOW_LABELS = ("STOW-RS, 1 instance per request, 1 client (keep-alive session)",
+               f"STOW-RS, {STOW_BATCH} instances per request, 1 client",
+               "STOW-RS, 1 instance per request, 4 clients (a keep-alive session each)")
 
 
 class Pacs:
@@ -172,18 +234,27 @@ def main(model, instances, json_path):
                "mean_instance_mb": mb, "xray_infer_dicom": infer_rate(model, tmp / "dcm", dcms[0]),
                "xray_infer_png": infer_rate(model, tmp / "png", pngs[0])}
         datasets = [(str(p), pydicom.dcmread(p)) for p in dcms]
-        proc, port = start_node(model, tmp / "results", tmp / "serve.log")
+        # one process for C-STORE and STOW-RS: the same model, results logging and settings for both
+        proc, port, http_port = start_node(model, tmp / "results", tmp / "serve.log", "--dicomweb",
+                                           "--max-upload-mb", str(STOW_MAX_UPLOAD_MB))
         try:
             store_all(port, datasets[:4], 1)  # warm
             for n in (1, 4):
                 renew(datasets)
                 res[f"node_{n}_assoc_per_s"] = instances / store_all(port, datasets, n)
-            res["logged"] = check_logged(tmp / "results", 2 * instances + 4)
+            renew(datasets)
+            stow_all(http_port, datasets[:4], 1, 1)  # warm the HTTP path
+            for key, per_request, clients in STOW_ROWS:
+                renew(datasets)
+                res[key] = instances / stow_all(http_port, datasets, per_request, clients)
+            res["stow_per_cstore"] = res["node_stow_1_per_request_per_s"] / res["node_1_assoc_per_s"]
+            stowed = 4 + len(STOW_ROWS) * instances
+            res["logged"] = check_logged(tmp / "results", 2 * instances + 4 + stowed, stow=stowed)
         finally:
             proc.send_signal(signal.SIGTERM)
             res["server_exit"] = proc.wait(60)
         pacs = Pacs()
-        proc, port = start_node(model, tmp / "results_sr", tmp / "serve_sr.log", "--send-to",
+        proc, port, _ = start_node(model, tmp / "results_sr", tmp / "serve_sr.log", "--send-to",
                                 f"PACS@127.0.0.1:{pacs.port}")
         try:
             store_all(port, datasets[:4], 1)  # warm
@@ -208,12 +279,16 @@ def main(model, instances, json_path):
     for n in (1, 4):
         print(f"| DICOM node, C-STORE over {n} association{'s' if n > 1 else ''} (received + classified + logged) | "
               f"{res[f'node_{n}_assoc_per_s']:.1f} |")
+    for (key, per_request, clients), label in zip(STOW_ROWS, STOW_LABELS):
+        print(f"| DICOM node, {label} (received + classified + logged) | {res[key]:.1f} |")
     for n in (1, 4):
         print(f"| DICOM node + SR, C-STORE over {n} association{'s' if n > 1 else ''} (+ SR built, fsynced in the "
               f"outbox) / until the last SR reached the PACS | {res[f'node_sr_{n}_assoc_per_s']:.1f} / "
               f"{res[f'node_sr_{n}_assoc_delivered_per_s']:.1f} |")
-    print(f"\nall {2 * instances + 4} C-STOREs per server 0x0000 and logged with a result ({res['logged']}; with SRs "
-          f"{res['logged_sr']}); xray-serve exit {res['server_exit']} / {res['server_sr_exit']}")
+    print(f"\nSTOW-RS (1 per request) / C-STORE (1 association): {res['stow_per_cstore']:.2f}x")
+    print(f"\nall {2 * instances + 4} C-STOREs per server 0x0000, all {4 + len(STOW_ROWS) * instances} STOW-RS "
+          f"instances stored (HTTP 200, each in the ReferencedSOPSequence), all logged with a result ({res['logged']}; "
+          f"with SRs {res['logged_sr']}); xray-serve exit {res['server_exit']} / {res['server_sr_exit']}")
     if json_path:
         Path(json_path).write_text(json.dumps(res, indent=2))
 

@@ -1,8 +1,11 @@
 """/openapi.json matches behaviour: schemathesis (`--checks all`, bounded examples, a fixed seed) against a live
 xray-serve on loopback, for a model without heatmaps and one with them; 0 failures. schemathesis.toml at the
-repository root says the one thing the schema cannot: schema-valid random bytes are not an image (422)."""
+repository root says the one thing the schema cannot: schema-valid random bytes are not an image (422), nor a
+DICOM file for STOW-RS (409). The model with heatmaps also serves STOW-RS (--dicomweb); its multipart/related
+body is put on the wire by tests/schemathesis_hooks.py."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,16 +21,18 @@ SCHEMATHESIS = Path(sys.executable).parent / "schemathesis"
 
 def fuzz(server: Server) -> subprocess.CompletedProcess:
     assert SCHEMATHESIS.exists(), "schemathesis is in the dev extra: make test installs it"
+    env = {**os.environ, "SCHEMATHESIS_HOOKS": "schemathesis_hooks", "PYTHONPATH": str(ROOT / "tests")}
     return subprocess.run([str(SCHEMATHESIS), "run", server.url + "/openapi.json", "--checks", "all",
                            "--max-examples", "25", "--seed", "7", "--no-color"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=600, env=env)
 
 
 @pytest.mark.parametrize("kind", ["plain", "heatmaps"])
-def test_schemathesis_finds_no_failure(kind, tiny_onnx, cam_onnx):
-    model = tiny_onnx[0] if kind == "plain" else cam_onnx
-    with Server("--model", model) as server:
+def test_schemathesis_finds_no_failure(kind, tiny_onnx, cam_onnx, tmp_path):
+    args = ("--model", tiny_onnx[0]) if kind == "plain" else ("--model", cam_onnx, "--dicomweb", "--results", tmp_path)
+    with Server(*args) as server:
         spec = requests.get(server.url + "/openapi.json", timeout=10).json()
+        assert ("/dicomweb/studies" in spec["paths"]) == (kind == "heatmaps")
         post = spec["paths"]["/v1/predict"]["post"]
         multipart = post["requestBody"]["content"]["multipart/form-data"]["schema"]
         assert multipart["required"] == ["file"]  # the server answers 422 without it

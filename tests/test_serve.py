@@ -116,6 +116,7 @@ def test_serves_with_torch_unimportable(tiny_onnx, images):
                "            raise ImportError('blocked for this test: ' + name)\n"
                "sys.meta_path.insert(0, Block())\n"
                "import xray.serve.dicom.sr  # the SR builder is imported lazily by the node: check it too\n"
+               "import xray.serve.dicom.stow_routes, xray.serve.dicom.stow_client  # STOW-RS in and out\n"
                "from xray.serve.cli import main\n"
                "try:\n"
                "    main(prog_name='xray-serve')\n"
@@ -123,10 +124,15 @@ def test_serves_with_torch_unimportable(tiny_onnx, images):
                "    assert 'torch' not in sys.modules, 'xray-serve imported torch'\n")
     import sys
 
-    with Server("--model", tiny_onnx[0], "--dicom-port", 0, "--results", images["png8"].parent / "blocked-node",
-                command=[sys.executable, "-c", blocker]) as s:
+    from xray.serve.dicom.stow_client import multipart_related
+
+    with Server("--model", tiny_onnx[0], "--dicom-port", 0, "--dicomweb", "--results",
+                images["png8"].parent / "blocked-node", command=[sys.executable, "-c", blocker]) as s:
         r = predict(s, {"a.png": images["png8"], "b.dcm": images["dicom"]})
         assert r.status_code == 200 and all("prediction" in p for p in r.json()["predictions"]), r.text
+        body, content_type = multipart_related([images["dicom"].read_bytes()])
+        r = requests.post(s.url + "/dicomweb/studies", data=body, headers={"Content-Type": content_type})
+        assert r.status_code == 200 and "00081199" in r.json(), r.text
     assert s.proc.returncode == 0 and "blocked for this test" not in s.output(), s.output()
 
 
