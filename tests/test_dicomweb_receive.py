@@ -161,11 +161,13 @@ def test_orthanc_pushes_by_dicomweb_and_gets_its_reports_back_by_stow(tiny_onnx,
     """The whole loop over HTTP only: Orthanc's DICOMweb client STOWs a CR and a DX to the node, the node STOWs
     an SR per instance back, and QIDO-RS finds each in its source's study."""
     archive_port = free_port()
-    out = tmp_path / "out"
-    with Server("--model", tiny_onnx[0], "--dicomweb", "--results", out,
+    out, key = tmp_path / "out", tmp_path / "key.txt"
+    key.write_text("orthanc-pushes-with-this-key\n")
+    with Server("--model", tiny_onnx[0], "--dicomweb", "--results", out, "--api-key-file", key,
                 "--send-to", f"dicomweb+http://127.0.0.1:{archive_port}/dicom-web") as node:
         archive = OrthancDicomWeb(tmp_path / "orthanc", http_port=archive_port)
-        archive.config["DicomWeb"]["Servers"] = {"edge": [node.url + "/dicomweb/"]}
+        archive.config["DicomWeb"]["Servers"] = {"edge": {  # the node's API key as Orthanc's extra header
+            "Url": node.url + "/dicomweb/", "HttpHeaders": {"Authorization": "Bearer orthanc-pushes-with-this-key"}}}
         with archive:
             sources = [dicoms["cr"], dicoms["dx16"]]
             ids = [archive.upload(p) for p in sources]
