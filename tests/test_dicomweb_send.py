@@ -114,7 +114,7 @@ def test_a_malformed_destination_is_one_clear_line(text, words):
 
 
 def _settings(**kw):
-    args = {"host": "127.0.0.1", "dicom_port": 0, "ae_title": "XRAY_EDGE", "allow_ae": (), "results_dir": "r",
+    args = {"host": "127.0.0.1", "dicom_port": 0, "dicomweb": False, "ae_title": "XRAY_EDGE", "allow_ae": (), "results_dir": "r",
             "send_to": None, "send_credentials": None, "send_heatmap": False, "send_backoff_max_s": 60.0,
             "send_max_age_h": 168.0, "accept_any_called_ae": False, "log_patient_id": "keep", "patient_id_key": None,
             "max_instance_mb": 64.0, "max_associations": 8, "max_pdu_kb": 64}
