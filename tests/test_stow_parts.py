@@ -141,3 +141,21 @@ def test_parts_the_node_cannot_take_now_are_503_and_stored_ones_reach_receive_wh
     assert status == 200 and headers["content-type"] == "application/dicom+json"
     assert [(r[1] == data, r[2]["received_by"], r[2]["client"]) for r in node.received] == [(True, "STOW-RS",
                                                                                              "127.0.0.1")] * 2
+
+
+def test_dicomweb_alone_makes_a_node_without_a_dimse_port_and_allow_ae_needs_one():
+    from xray.common.errors import XrayError
+    from xray.serve.dicom.options import node_settings_from
+
+    args = {"host": "127.0.0.1", "dicom_port": None, "dicomweb": True, "ae_title": "XRAY_EDGE", "allow_ae": (),
+            "results_dir": "r", "send_to": None, "send_credentials": None, "send_heatmap": False,
+            "send_backoff_max_s": 60.0, "send_max_age_h": 168.0, "accept_any_called_ae": False,
+            "log_patient_id": "keep", "patient_id_key": None, "max_instance_mb": 64.0, "max_associations": 8,
+            "max_pdu_kb": 64}
+    settings = node_settings_from(**args)
+    assert settings.port is None and settings.dicomweb
+    assert node_settings_from(**{**args, "dicomweb": False}) is None
+    with pytest.raises(XrayError, match="--allow-ae names the AE titles of DIMSE callers"):
+        node_settings_from(**{**args, "allow_ae": ("CR1",)})
+    with pytest.raises(XrayError, match="add --dicom-port PORT or --dicomweb"):
+        node_settings_from(**{**args, "dicomweb": False, "send_to": "PACS@h:104"})
