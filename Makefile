@@ -14,7 +14,7 @@ $(PY):
 	$(PY) -m pip install --quiet --upgrade pip
 
 $(STAMP): pyproject.toml Makefile | $(PY)
-	$(PY) -m pip install --quiet -e '.[train,dicom,serve,dev]'
+	$(PY) -m pip install --quiet -e '.[train,dicom,serve,dev,mlflow,wandb]'
 	# wheels of the edge install, so the no-torch venv test runs offline
 	$(PY) -m pip download --quiet --only-binary=:all: -d $(VENV)/edge-wheels onnxruntime numpy pillow click \
 		fastapi uvicorn python-multipart prometheus-client httptools uvloop fastapi-offline

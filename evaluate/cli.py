@@ -6,10 +6,12 @@ from pathlib import Path
 
 import click
 
+from xray.common.cli_config import config_option
 from xray.common.errors import XrayError, exit_on_user_error
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@config_option
 @click.argument("model", metavar="MODEL")
 @click.argument("data", nargs=-1, required=True, metavar="DATA")
 @click.option("--output-dir", type=click.Path(file_okay=False),

@@ -14,10 +14,12 @@ from pathlib import Path
 
 import click
 
+from xray.common.cli_config import config_option
 from xray.common.errors import EXIT_FAILURE, XrayError, exit_on_user_error
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@config_option
 @click.argument("run_dir", required=False, type=click.Path(file_okay=False))
 @click.option("--checkpoint", type=click.Path(dir_okay=False), help="A .safetensors checkpoint (default: RUN_DIR/best.safetensors).")
 @click.option("--output-dir", type=click.Path(file_okay=False), help="Default: <run>/export.")
@@ -60,11 +62,14 @@ from xray.common.errors import EXIT_FAILURE, XrayError, exit_on_user_error
 @click.option("--no-calibrate", "calibrate", flag_value=False, default=True,
               help="Export T = 1 (uncalibrated probabilities). Default: the checkpoint's temperature, or one fitted "
                    "on the val split by minimum NLL, in both graphs.")
+@click.option("--register", metavar="NAME",
+              help="Log the export to the run's MLflow run (a run trained with --report-to mlflow) and, when it "
+                   "passes its gate, register the export folder as a version of the model NAME.")
 @exit_on_user_error
 def main(run_dir, checkpoint, output_dir, data_dir, eval_split, calibration_images, calibration_method, calibration_dir,
          max_accuracy_drop, min_agreement, allow_drop, parity_tolerance, threads, latency_runs, bias_correction_images,
          gptq_images, ood_score, ood_accept, ood_fit_images, probe_images, min_ood_agreement, int8_full_range,
-         emulated_images, arm64_root, calibrate):
+         emulated_images, arm64_root, calibrate, register):
     """Export the best checkpoint of RUN_DIR to ONNX fp32 + int8 and verify both against PyTorch."""
     from .pipeline import ExportOptions, run_export  # heavy imports after --help
 
@@ -72,6 +77,11 @@ def main(run_dir, checkpoint, output_dir, data_dir, eval_split, calibration_imag
         raise XrayError("give a run folder (xray-export runs/<run>) or --checkpoint PATH")
     if run_dir and not Path(run_dir).is_dir():
         raise XrayError(f"{run_dir}: no such run folder")
+    saved = None
+    if register:  # before the export's minutes: the run has an MLflow run, MLflow is installed
+        from .register import check_register
+
+        saved = check_register(run_dir)
     ckpt = Path(checkpoint) if checkpoint else Path(run_dir) / "best.safetensors"
     out = Path(output_dir) if output_dir else (Path(run_dir) if run_dir else ckpt.parent) / "export"
     opts = ExportOptions(checkpoint=ckpt, output_dir=out, data_dir=data_dir, eval_split=eval_split,
@@ -84,6 +94,13 @@ def main(run_dir, checkpoint, output_dir, data_dir, eval_split, calibration_imag
                          int8_full_range=int8_full_range, emulated_images=emulated_images, arm64_root=arm64_root, calibrate=calibrate,
                          export_date=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     ok = run_export(opts)
+    if register:
+        from .register import register_export
+
+        version = register_export(saved, out, register, ok)
+        click.echo(f"MLflow: {register} version {version} (run {saved['run_id']}, {saved['tracking_uri']})" if version
+                   else f"MLflow: the rejected export is logged to run {saved['run_id']} (export-rejected/), not "
+                        "registered", err=not version)
     sys.exit(0 if ok else EXIT_FAILURE)
 
 

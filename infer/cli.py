@@ -28,7 +28,8 @@ are still in the output); 2 nothing could run (no inputs, bad model, bad option)
 @click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EPILOG)
 @click.argument("inputs", nargs=-1, metavar="IMAGE_OR_FOLDER...")
 @click.option("--model", "-m", "model_path", metavar="PATH",
-              help="ONNX model written by xray-export, or its export folder.")
+              help="ONNX model written by xray-export, or its export folder, or models:/NAME/VERSION (registered "
+                   "by xray-export --register; needs MLflow and MLFLOW_TRACKING_URI).")
 @click.option("--precision", type=click.Choice(["auto", "int8", "fp32"]), default="auto", show_default=True,
               help="Which model of an export folder: auto picks the faster one on this CPU.")
 @click.option("--force-int8", is_flag=True,

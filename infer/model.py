@@ -28,6 +28,8 @@ from xray.common.int8_classes import Int8Classes
 from xray.common.metrics import softmax
 from xray.common.model_meta import ModelInfo
 
+from .registry import fetch_registered, is_registry_uri
+
 ENV_VAR = "XRAY_MODEL"
 DEFAULT_GLOB = "runs/*/export"
 PREFERENCE = ("model.int8.onnx", "model.onnx")
@@ -54,6 +56,8 @@ def choose_model(option: str | None, cwd: Path | None = None, precision: str = "
                  cpu: Cpu | None = None) -> ModelChoice:
     """The model to run (see the module docstring). cpu: this CPU's class (tests pass their own)."""
     given = option or os.environ.get(ENV_VAR)
+    if is_registry_uri(given):  # an export folder registered in MLflow (xray-export --register NAME)
+        given = str(fetch_registered(given))
     if given:
         return choose_in_folder(Path(given), precision, cpu) if Path(given).is_dir() else ModelChoice(Path(given))
     best = None

@@ -34,7 +34,8 @@ SIGTERM / Ctrl-C: stop accepting, finish the requests in flight, exit 0.
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EPILOG)
-@click.option("--model", "-m", "model_path", metavar="PATH", help="ONNX model from xray-export, or its export folder.")
+@click.option("--model", "-m", "model_path", metavar="PATH",
+              help="ONNX model from xray-export, or its export folder, or models:/NAME/VERSION (MLflow's registry).")
 @click.option("--precision", type=click.Choice(["auto", "int8", "fp32"]), default="auto", show_default=True,
               help="Which model of an export folder: auto picks the faster one on this CPU.")
 @click.option("--force-int8", is_flag=True,

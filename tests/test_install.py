@@ -74,6 +74,12 @@ def test_edge_wheel_imports_without_torch(tmp_path, tiny_onnx):
     # the service: `pip install 'xray-edge[serve]'` (the extra's wheels only, offline) serves the same prediction
     subprocess.run(pip + ["--find-links", str(dist), "xray-edge[serve]"], check=True)
     assert subprocess.run([str(py), "-c", "import importlib.util as u; assert u.find_spec('torch') is None"]).returncode == 0
+    for tracker in ("mlflow", "wandb"):  # the trackers are extras of the training side only
+        assert subprocess.run([str(py), "-c", f"import importlib.util as u; assert u.find_spec('{tracker}') is None"]
+                              ).returncode == 0, f"{tracker} came with the edge install"
+    cli = subprocess.run([str(env_dir / "bin" / "xray-infer"), "--model", "models:/chest-xray/1", str(image)],
+                         capture_output=True, text=True)
+    assert cli.returncode == 2 and len(cli.stderr.strip().splitlines()) == 1 and "MLflow is not installed" in cli.stderr
     import requests
     from serving import Server
 

@@ -25,6 +25,7 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, broa
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
+from xray.common.cli_config import config_option, save_config
 from xray.common.errors import XrayError, exit_on_user_error
 from xray.train.augment import AugmentConfig
 from xray.train.checkpoint import load_weights_into, read_sidecar, save_checkpoint
@@ -34,6 +35,7 @@ from xray.train.models import REGISTRY, build_model, get_model_def
 from xray.train.perf import tune_malloc
 from xray.train.phases import param_groups, set_train_mode, set_trainable, warmup_cosine
 from xray.train.report import save_plots, test_metrics, write_history, write_metrics
+from xray.train.tracking import PROJECT, TRACKERS, make_trackers, preflight, save_mlflow_run, saved_mlflow_run
 
 STATE_FILE = "trainer_state.json"
 
@@ -52,11 +54,11 @@ def parse_unfreeze(value: str):
     return n
 
 
-def make_accelerator(grad_accum: int, report_to: str, output_dir: str) -> Accelerator:
+def make_accelerator(grad_accum: int, output_dir: str) -> Accelerator:
     # Without cpu=True on a GPU-less box, `--multi_gpu` ranks would not form a gloo group.
+    # The trackers (--report-to) are added once the run folder is known (start_tracking).
     acc = Accelerator(cpu=not torch.cuda.is_available(), gradient_accumulation_steps=grad_accum,
                       dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-                      log_with=None if report_to == "none" else report_to,
                       project_config=ProjectConfiguration(project_dir=output_dir))
     if acc.device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // acc.num_processes))
@@ -292,6 +294,7 @@ def phase_options(f):
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@config_option
 @click.option("--data-dir", default="data", show_default=True, help="Folder with train/ val/ test/ class folders.")
 @click.option("--model", "model_name", default="efficientnet_lite0", show_default=True,
               type=click.Choice(list(REGISTRY)))
@@ -326,8 +329,10 @@ def phase_options(f):
 @click.option("--run-name", default=None, help="Default: <model>-<timestamp>.")
 @click.option("--checkpoint-every", default=0, show_default=True, type=click.IntRange(0),
               help="Also save last/ every N optimizer steps (0: each epoch only).")
-@click.option("--report-to", default="none", show_default=True, type=click.Choice(["none", "tensorboard"]),
-              help="Also log epochs through accelerate's trackers (tensorboard: runs/<run>/tensorboard).")
+@click.option("--report-to", multiple=True, type=click.Choice(TRACKERS),
+              help="Also log the config and every epoch through accelerate's trackers (repeatable): tensorboard "
+                   "(runs/<run>/tensorboard), mlflow (sqlite:///<output-dir>/mlflow.db unless MLFLOW_TRACKING_URI), "
+                   "wandb (offline unless WANDB_MODE).")
 @click.option("--oversample", type=click.Path(dir_okay=False),
               help="Hard-example mining: repeat the train images listed in this CSV (xray-eval's hard_examples.csv "
                    "from an evaluation of data/train; files outside the train split are ignored).")
@@ -338,7 +343,7 @@ def phase_options(f):
 def main(**o):
     """Two-phase transfer learning (frozen backbone, then partial unfreeze)."""
     tune_malloc()
-    acc = make_accelerator(o["grad_accum"], o["report_to"], o["output_dir"])
+    acc = make_accelerator(o["grad_accum"], o["output_dir"])
     try:
         train(acc, o)
     finally:
@@ -370,8 +375,35 @@ def config_from_options(o) -> dict:
             "oversample_factor": o["oversample_factor"]}
 
 
+def check_trackers(acc: Accelerator, o: dict):
+    """Every --report-to tracker can start, checked on the main process before anything is trained; every rank
+    gets the verdict (a rank left waiting for a collective would hang)."""
+    problem = None
+    if acc.is_main_process and o["report_to"]:
+        try:
+            preflight(o["report_to"], o["output_dir"])
+        except XrayError as e:
+            problem = str(e)
+    if acc.num_processes > 1:
+        problem = broadcast_object_list([problem])[0]
+    if problem:
+        raise XrayError(problem)
+
+
+def start_tracking(acc: Accelerator, o: dict, cfg: dict, run_dir: Path, resumed: bool):
+    """The trackers get the run's config; MLflow's run id goes to runs/<run>/mlflow.json (a resumed run goes on
+    in the same MLflow run)."""
+    run_id = (saved_mlflow_run(run_dir) or {}).get("run_id") if resumed else None
+    acc.log_with = make_trackers(o["report_to"], run_dir, o["output_dir"], run_id)
+    flat = {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in cfg.items()}
+    acc.init_trackers(PROJECT, config=flat)
+    if acc.is_main_process and "mlflow" in o["report_to"]:
+        save_mlflow_run(acc, run_dir, o["output_dir"])
+
+
 def train(acc: Accelerator, o: dict):
     state = None
+    check_trackers(acc, o)
     if o["resume_dir"]:
         run_dir = Path(o["resume_dir"])
         if not (run_dir / "config.json").exists():
@@ -395,6 +427,9 @@ def train(acc: Accelerator, o: dict):
     if acc.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(cfg, indent=2))
+        if not (run_dir / "config.yaml").exists():  # the options, for --config (a resumed run keeps its own)
+            save_config(o, run_dir / "config.yaml", leave_out=("run_name", "output_dir", "resume_dir"),
+                        order=[p.name for p in main.params])
         run.print(f"run {run_dir}: {cfg['model']}, classes {run.classes}, {len(run.train_samples)} train / "
                   f"{len(run.val_samples)} val / {len(run.test_samples)} test images, {acc.num_processes} process(es) "
                   f"on {acc.device.type}")
@@ -403,10 +438,8 @@ def train(acc: Accelerator, o: dict):
             run.print(f"oversample: {found} hard train images x{cfg['oversample_factor']}"
                       + (f"; {ignored} listed files are not in the train split (mine hard examples on data/train, "
                          "never on val/test): ignored" if ignored else ""))
-    if o["report_to"] != "none":
-        acc.project_configuration.logging_dir = str(run_dir)
-        flat = {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in cfg.items()}
-        acc.init_trackers("tensorboard", config=flat)
+    if o["report_to"]:
+        start_tracking(acc, o, cfg, run_dir, resumed=state is not None)
     acc.wait_for_everyone()
     started = time.perf_counter()
     resume_index = run.state["phase_index"] if state else None  # the phase last/ was saved in
