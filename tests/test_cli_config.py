@@ -74,3 +74,30 @@ def test_saved_options_read_back_to_the_same_options(tmp_path):
     assert "run_name" not in text and text.index("epochs_a") < text.index("report_to")  # the command's order
     again = options(run("--config", saved, "--run-name", "second"))
     assert {**again, "run_name": "first"} == got
+
+
+@pytest.mark.parametrize("cli", ["xray.export.cli", "xray.evaluate.cli"])
+def test_export_and_eval_take_config_files_too(cli, tmp_path):
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "export.yaml"
+    cfg.write_text("max_accuracy_drop: 2\ncalibration_imgs: 100\n" if "export" in cli else "per_pair: 3\nsplitt: val\n")
+    proc = subprocess.run([sys.executable, "-c", f"from {cli} import main; main()", "--config", str(cfg), "x"],
+                          capture_output=True, text=True, timeout=120)
+    key = "calibration_imgs" if "export" in cli else "splitt"
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"error: --config {cfg}: unknown key '{key}' (keys are the option names with _ for -, e.g. "
+        f"{'run_dir' if 'export' in cli else 'model'})"], proc.stderr
+
+
+def test_a_missing_tracker_package_is_one_line_before_anything(monkeypatch, tmp_path):
+    import sys
+
+    from xray.common.errors import XrayError
+    from xray.train.tracking import preflight
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb now raises ImportError
+    with pytest.raises(XrayError, match=r"--report-to wandb: wandb is not installed \(pip install 'xray-edge\[wandb\]'\)"):
+        preflight(("tensorboard", "wandb"), tmp_path)
+    assert list(tmp_path.iterdir()) == []

@@ -103,6 +103,13 @@ def test_bad_config_and_unreachable_tracker_stop_before_training(tracked, tmp_pa
                  "--report-to", "mlflow", env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}, check=False)
     assert proc.returncode == 2 and "--report-to mlflow: cannot use the tracking store http://127.0.0.1:9" in proc.stderr
     assert time.monotonic() - start < 60 and not (tmp_path / "runs" / "down").exists()  # nothing trained
+    # W&B asked to go online without a key: one line, before training, and the run name is still free
+    proc = train("--data-dir", data, "--output-dir", tmp_path / "runs", "--run-name", "nokey", *TINY,
+                 "--report-to", "wandb", env={"WANDB_MODE": "online", "WANDB_API_KEY": "",
+                                              "WANDB_BASE_URL": "http://127.0.0.1:9",
+                                              "WANDB_CACHE_DIR": str(tmp_path / "wb")}, check=False)
+    assert proc.returncode == 2 and "--report-to: a tracker did not start" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "runs" / "nokey" / "config.json").exists()
 
 
 def test_export_registers_the_model_and_the_edge_loads_it_by_name(tracked, tmp_path):

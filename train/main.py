@@ -393,10 +393,21 @@ def check_trackers(acc: Accelerator, o: dict):
 def start_tracking(acc: Accelerator, o: dict, cfg: dict, run_dir: Path, resumed: bool):
     """The trackers get the run's config; MLflow's run id goes to runs/<run>/mlflow.json (a resumed run goes on
     in the same MLflow run)."""
+    if acc.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
     run_id = (saved_mlflow_run(run_dir) or {}).get("run_id") if resumed else None
     acc.log_with = make_trackers(o["report_to"], run_dir, o["output_dir"], run_id)
     flat = {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in cfg.items()}
-    acc.init_trackers(PROJECT, config=flat)
+    try:
+        acc.init_trackers(PROJECT, config=flat)
+    except Exception as e:  # e.g. W&B online without a key: still before any training, in one line
+        for tracker in acc.trackers:  # those that did start end here; end_training() must not meet half a tracker
+            try:
+                tracker.finish()
+            except Exception:
+                pass
+        acc.trackers = []
+        raise XrayError(f"--report-to: a tracker did not start: {' '.join(str(e).split())[:300]}") from None
     if acc.is_main_process and "mlflow" in o["report_to"]:
         save_mlflow_run(acc, run_dir, o["output_dir"])
 
@@ -424,6 +435,8 @@ def train(acc: Accelerator, o: dict):
         if taken:
             raise XrayError(f"{run_dir} already holds a run: use --resume {run_dir} or another --run-name")
     run = Run(acc, cfg, run_dir, state)
+    if o["report_to"]:  # before config.json: a tracker that fails here leaves no run behind to --resume
+        start_tracking(acc, o, cfg, run_dir, resumed=state is not None)
     if acc.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(cfg, indent=2))
@@ -438,8 +451,6 @@ def train(acc: Accelerator, o: dict):
             run.print(f"oversample: {found} hard train images x{cfg['oversample_factor']}"
                       + (f"; {ignored} listed files are not in the train split (mine hard examples on data/train, "
                          "never on val/test): ignored" if ignored else ""))
-    if o["report_to"]:
-        start_tracking(acc, o, cfg, run_dir, resumed=state is not None)
     acc.wait_for_everyone()
     started = time.perf_counter()
     resume_index = run.state["phase_index"] if state else None  # the phase last/ was saved in
