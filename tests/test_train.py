@@ -171,9 +171,15 @@ def test_two_ranks_form_a_group_and_count_each_test_image_once(data, tmp_path):
     hooks = tmp_path / "hooks"
     hooks.mkdir()
     (hooks / "sitecustomize.py").write_text(LAGGING_RANK_1)
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(hooks), os.environ.get("PYTHONPATH")]))}
     proc = train("--data-dir", data, "--output-dir", tmp_path, "--run-name", "ddp", "--epochs-a", 1, "--epochs-b", 1,
-                 launcher=launcher, env={"PYTHONPATH": os.pathsep.join(filter(None, [str(hooks), os.environ.get("PYTHONPATH")]))})
+                 "--report-to", "mlflow", launcher=launcher, env=env)
     assert "2 process(es)" in proc.stdout
+    from mlflow import MlflowClient  # only the main process tracks: one run, each epoch logged once
+
+    client = MlflowClient(tracking_uri=json.loads((tmp_path / "ddp" / "mlflow.json").read_text())["tracking_uri"])
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(client.get_metric_history(run.info.run_id, "A/val_macro_f1")) == 1
     metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     assert metrics["world_size"] == 2
     reference = single_process_eval(tmp_path / "ddp", data / "test")
