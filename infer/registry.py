@@ -3,10 +3,12 @@ a local folder that then goes through the same model choice and CPU checks as an
 
 MLflow is an optional import here (the edge install has none): without it, one line says what to install. The
 store is the one MLFLOW_TRACKING_URI names. A numbered version never changes, so it is kept in the cache
-($XRAY_MODEL_CACHE, default ~/.cache/xray-edge/models) and fetched once; an alias or "latest" is fetched every
+($XRAY_MODEL_CACHE, default ~/.cache/xray-edge/models; the folder name carries a hash of the registry URI) and
+fetched once; an alias or "latest" is fetched every
 time. A download goes to a temporary folder renamed when complete: never half a model."""
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -37,17 +39,29 @@ def fetch_registered(uri: str) -> Path:
         raise XrayError(f"--model {uri}: MLflow is not installed; models:/ needs it (pip install "
                         "'xray-edge[mlflow]', or mlflow-skinny with a tracking server)") from None
     fixed = re.fullmatch(r"[^/@]+/\d+", spec) is not None
-    target = cache_root() / re.sub(r"[^\w.@-]+", "_", spec)
+    registry = mlflow.get_registry_uri()  # the same NAME/VERSION in two registries are two models
+    key = hashlib.sha256(f"{registry}\n{spec}".encode()).hexdigest()[:12]
+    readable = re.sub(r"[^\w.@-]+", "_", spec.replace("/", "_"))
+    target = cache_root() / f"{readable}-{key}"
     if fixed and (target / ".complete").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=".partial-", dir=target.parent))
     try:
-        mlflow.artifacts.download_artifacts(uri, dst_path=str(partial))
-    except Exception as e:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise XrayError(f"--model {uri}: {' '.join(str(e).split())[:300]}") from None
-    (partial / ".complete").touch()
-    shutil.rmtree(target, ignore_errors=True)
-    partial.rename(target)
-    return target
+        try:
+            mlflow.artifacts.download_artifacts(uri, dst_path=str(partial))
+        except Exception as e:
+            raise XrayError(f"--model {uri}: {' '.join(str(e).split())[:300]}") from None
+        (partial / ".complete").touch()
+        if fixed and (target / ".complete").exists():  # another process got there first: its copy is the same
+            return target
+        if not fixed:  # an alias may have moved: replace the old copy
+            shutil.rmtree(target, ignore_errors=True)
+        try:
+            partial.rename(target)
+        except OSError:  # a concurrent fetch renamed its complete copy into place meanwhile
+            if not (target / ".complete").exists():
+                raise
+        return target
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)  # gone after a rename; removed after a failure or Ctrl-C

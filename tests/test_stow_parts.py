@@ -25,6 +25,12 @@ def test_parts_come_back_byte_for_byte_even_when_they_hold_crlf_and_dashes():
     assert {p.content_type for p in parts} == {"application/dicom"}
 
 
+def test_rfc2231_parameters_folded_headers_and_a_boundary_inside_the_preamble():
+    body = b"see --XyZ-42x here\r\n" + related(b"DATA", headers="Content-Type:\r\n application/dicom\r\n")
+    parts = parse_related("multipart/related; type*=''application%2Fdicom; boundary*=''XyZ-42", body)
+    assert [(p.content_type, p.data) for p in parts] == [("application/dicom", b"DATA")]
+
+
 def test_a_part_without_headers_is_of_the_root_type_and_other_types_are_named():
     parts = parse_related(CT, related(b"abc", headers=""))
     assert parts[0].content_type == "application/dicom" and parts[0].data == b"abc"
@@ -80,6 +86,10 @@ class FakeNode:
         self.storage_classes = {str(c) for c in CHEST_STORAGE}
         self.transfer_syntaxes = decodable_transfer_syntaxes()
         self.results = self
+        self.stow_bodies = 0
+        from types import SimpleNamespace
+
+        self.settings = SimpleNamespace(max_associations=2)
 
     def busy(self):
         return self._busy
@@ -127,6 +137,12 @@ def test_a_busy_node_answers_503_with_retry_after_before_reading(dx):
     node = FakeNode(busy="the model is still loading")
     status, headers, body = call_stow(node, related(dx.read_bytes()))
     assert status == 503 and headers["retry-after"] == "5" and b"still loading" in body and node.received == []
+    node = FakeNode()
+    node.stow_bodies = 2  # --max-associations bodies already being received: no third in memory
+    status, headers, body = call_stow(node, related(dx.read_bytes()))
+    assert status == 503 and b"2 STOW-RS requests being received" in body and node.received == []
+    node.stow_bodies = 1
+    assert call_stow(node, related(dx.read_bytes()))[0] == 200 and node.stow_bodies == 1  # released after use
 
 
 def test_parts_the_node_cannot_take_now_are_503_and_stored_ones_reach_receive_whole(dx):
@@ -159,3 +175,28 @@ def test_dicomweb_alone_makes_a_node_without_a_dimse_port_and_allow_ae_needs_one
         node_settings_from(**{**args, "allow_ae": ("CR1",)})
     with pytest.raises(XrayError, match="add --dicom-port PORT or --dicomweb"):
         node_settings_from(**{**args, "dicomweb": False, "send_to": "PACS@h:104"})
+
+
+def test_the_node_does_not_classify_its_own_heatmap_routed_back(dx):
+    """An archive forwarding new instances of the study back to the node: the heatmap SC the node built is
+    not classified again (that would loop: SC -> SR + SC -> ...)."""
+    import numpy as np
+
+    from xray.serve.dicom.node import not_for_the_model
+    from xray.serve.dicom.sr import build_heatmap_sc
+
+    source = pydicom.dcmread(dx)
+    assert not_for_the_model(source) is None
+    rgb = np.zeros((96, 96, 3), np.uint8)
+    rgb[..., 0] = 200
+    sc = pydicom.dcmread(_roundtrip(build_heatmap_sc(source, rgb)))  # as an archive would send it back
+    assert not_for_the_model(sc) == "this node's own heatmap (an archive routed it back)"
+
+
+def _roundtrip(ds) -> "io.BytesIO":
+    import io
+
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    buf.seek(0)
+    return buf

@@ -120,8 +120,10 @@ def test_export_registers_the_model_and_the_edge_loads_it_by_name(tracked, tmp_p
     assert "MLflow: chest-xray version 1" in proc.stdout
     (version,) = client.search_model_versions("name='chest-xray'")
     assert version.run_id == saved["run_id"] and str(version.version) == "1"
-    files = {f.path for f in client.list_artifacts(saved["run_id"], "export")}
-    assert {"export/model.onnx", "export/model.int8.onnx", "export/export_report.json"} <= files
+    folder = client.get_run(saved["run_id"]).data.tags["xray.export_folder"]
+    assert folder.startswith("export-") and version.source.endswith("/" + folder)
+    files = {f.path for f in client.list_artifacts(saved["run_id"], folder)}
+    assert {f"{folder}/model.onnx", f"{folder}/model.int8.onnx", f"{folder}/export_report.json"} <= files
     metrics = client.get_run(saved["run_id"]).data.metrics
     assert "export/onnx_int8_accuracy" in metrics and client.get_run(saved["run_id"]).data.tags["xray.export"] == "accepted"
 
@@ -130,7 +132,18 @@ def test_export_registers_the_model_and_the_edge_loads_it_by_name(tracked, tmp_p
     by_name = xray_infer(str(image), "--model", "models:/chest-xray/1", "--format", "json", env=env)
     by_path = xray_infer(str(image), "--model", str(run_dir / "export"), "--format", "json")
     assert json.loads(by_name.stdout)["predictions"] == json.loads(by_path.stdout)["predictions"]
-    assert (tmp_path / "cache" / "chest-xray_1" / ".complete").exists()
+    (cached,) = (tmp_path / "cache").iterdir()
+    assert (cached / ".complete").exists() and cached.name.startswith("chest-xray_1-")
+
+    # exported again (another folder, another date): version 2, and version 1 still holds its own files
+    v1 = (cached / "export_report.json").read_bytes()  # its export_date differs from the next export's
+    time.sleep(1.1)  # export dates are to the second
+    again = xray_export(run_dir, *QUICK, "--eval-split", "val", "--min-agreement", 0.5, "--max-accuracy-drop", 50,
+                        "--output-dir", tmp_path / "export2", "--register", "chest-xray")
+    assert "MLflow: chest-xray version 2" in again.stdout
+    xray_infer(str(image), "--model", "models:/chest-xray/1", env={**env, "XRAY_MODEL_CACHE": str(tmp_path / "c2")})
+    (refetched,) = (tmp_path / "c2").iterdir()
+    assert (refetched / "export_report.json").read_bytes() == v1
 
     blocked = ("import sys, importlib.abc\n"
                "class Block(importlib.abc.MetaPathFinder):\n"
@@ -153,3 +166,31 @@ def test_a_rejected_export_is_logged_and_never_registered(tracked, tmp_path):
     assert proc.returncode == 1 and "not registered" in proc.stderr
     assert client.search_model_versions("name='strict-model'") == []
     assert any(f.path.startswith("export-rejected") for f in client.list_artifacts(saved["run_id"]))
+
+
+def test_a_resumed_run_goes_on_in_its_own_mlflow_run_and_store(data, tmp_path):
+    """Crashed mid phase B, resumed from another folder without --output-dir: the same MLflow run (in the store
+    mlflow.json names, not a new ./runs/mlflow.db) ends FINISHED with every epoch of both phases."""
+    out = tmp_path / "elsewhere"
+    args = ["--data-dir", data, "--report-to", "mlflow", "--epochs-a", 2, "--epochs-b", 2, "--patience", 0,
+            "--checkpoint-every", 2]
+    crashed = train(*args, "--output-dir", out, "--run-name", "cut", env={"XRAY_TEST_FAIL_AFTER_STEPS": "13"},
+                    check=False)
+    assert crashed.returncode != 0 and "simulated crash" in crashed.stderr
+    run_dir = out / "cut"
+    first_id = json.loads((run_dir / "mlflow.json").read_text())["run_id"]
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    from conftest import run_command
+    from test_train import FAST, MAIN
+
+    run_command([sys.executable, MAIN, *FAST, "--resume", run_dir, "--report-to", "mlflow"], cwd=cwd)
+    assert not (cwd / "runs").exists()  # no second store next to where the command ran
+    client, saved = _client(run_dir)
+    assert saved["run_id"] == first_id
+    run = client.get_run(first_id)
+    assert run.info.status == "FINISHED"
+    history = read_csv(run_dir / "history.csv")
+    for phase in ("A", "B"):
+        steps = sorted({m.step for m in client.get_metric_history(first_id, f"{phase}/val_macro_f1")})
+        assert len(steps) == sum(r["phase"] == phase for r in history) == 2, (phase, steps)

@@ -398,8 +398,9 @@ def start_tracking(acc: Accelerator, o: dict, cfg: dict, run_dir: Path, resumed:
     run_id = (saved_mlflow_run(run_dir) or {}).get("run_id") if resumed else None
     acc.log_with = make_trackers(o["report_to"], run_dir, o["output_dir"], run_id)
     flat = {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in cfg.items()}
+    problem = None
     try:
-        acc.init_trackers(PROJECT, config=flat)
+        acc.init_trackers(PROJECT, config=flat)  # the main process only
     except Exception as e:  # e.g. W&B online without a key: still before any training, in one line
         for tracker in acc.trackers:  # those that did start end here; end_training() must not meet half a tracker
             try:
@@ -407,18 +408,26 @@ def start_tracking(acc: Accelerator, o: dict, cfg: dict, run_dir: Path, resumed:
             except Exception:
                 pass
         acc.trackers = []
-        raise XrayError(f"--report-to: a tracker did not start: {' '.join(str(e).split())[:300]}") from None
+        problem = f"--report-to: a tracker did not start: {' '.join(str(e).split())[:300]}"
+    if acc.num_processes > 1:  # every rank learns it, or the others would wait at the next collective
+        problem = broadcast_object_list([problem])[0]
+    if problem:
+        raise XrayError(problem)
     if acc.is_main_process and "mlflow" in o["report_to"]:
         save_mlflow_run(acc, run_dir, o["output_dir"])
 
 
 def train(acc: Accelerator, o: dict):
     state = None
-    check_trackers(acc, o)
     if o["resume_dir"]:
         run_dir = Path(o["resume_dir"])
         if not (run_dir / "config.json").exists():
             raise XrayError(f"--resume {run_dir}: not a run folder (no config.json)")
+        saved = saved_mlflow_run(run_dir)
+        if saved and "mlflow" in o["report_to"]:  # a resumed run goes on in the store it started in
+            os.environ["MLFLOW_TRACKING_URI"] = saved["tracking_uri"]
+    check_trackers(acc, o)
+    if o["resume_dir"]:
         cfg = json.loads((run_dir / "config.json").read_text())
         if (run_dir / "last" / STATE_FILE).exists():
             state = json.loads((run_dir / "last" / STATE_FILE).read_text())

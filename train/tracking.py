@@ -29,6 +29,13 @@ def mlflow_uri(output_dir: str | Path) -> tuple[str, bool]:
 
 
 @contextmanager
+def capped_retries():
+    """MLflow's HTTP client without its retries (default: ~4 minutes) and with a 5 s timeout, for a check."""
+    with _env(MLFLOW_HTTP_REQUEST_MAX_RETRIES=0, MLFLOW_HTTP_REQUEST_TIMEOUT=5):
+        yield
+
+
+@contextmanager
 def _env(**values):
     old = {k: os.environ.get(k) for k in values}
     os.environ.update({k: str(v) for k, v in values.items()})
@@ -53,9 +60,10 @@ def preflight(report_to: tuple[str, ...], output_dir: str | Path):
     if "mlflow" in report_to:
         from mlflow import MlflowClient
 
-        uri, _ = mlflow_uri(output_dir)
-        Path(output_dir).mkdir(parents=True, exist_ok=True)
-        with _env(MLFLOW_HTTP_REQUEST_MAX_RETRIES=0, MLFLOW_HTTP_REQUEST_TIMEOUT=5):
+        uri, ours = mlflow_uri(output_dir)
+        if ours:  # SQLite creates the file, not its folder
+            Path(output_dir).mkdir(parents=True, exist_ok=True)
+        with capped_retries():
             try:
                 client = MlflowClient(tracking_uri=uri, registry_uri=uri)
                 client.search_experiments(max_results=1)

@@ -37,6 +37,7 @@ from .outbox import Outbox
 from .reports import build_reports, model_identity
 from .results_log import PatientIdPolicy, ResultsLog
 from .sender import Sender
+from .sr import HEATMAP_DESCRIPTION
 
 log = logging.getLogger("xray.serve.dicom")
 
@@ -106,6 +107,7 @@ class DicomNode:
         self._received: dict[int, int] = {}  # association id -> bytes received since its last C-STORE
         self._in_flight, self._lock = 0, threading.Lock()
         self._server, self._listening = None, False
+        self.stow_bodies = 0  # STOW-RS requests being received (serve.dicom.stow_routes; the event loop's thread)
         self.storage_classes = {str(c) for c in CHEST_STORAGE}  # what C-STORE negotiates and STOW-RS checks
         self.transfer_syntaxes = decodable_transfer_syntaxes()
 
@@ -316,6 +318,8 @@ def not_for_the_model(ds) -> str | None:
     """Why this instance gets no diagnosis from a frontal chest model, from its header; None: classify it."""
     if "PixelData" not in ds:
         return "no pixel data"
+    if str(ds.get("SeriesDescription", "")) == HEATMAP_DESCRIPTION and str(ds.get("Manufacturer", "")) == "xray-edge":
+        return "this node's own heatmap (an archive routed it back)"  # classifying it would loop
     body = str(ds.get("BodyPartExamined", "") or "").upper()
     if body not in CHEST_BODY_PARTS:
         return f"not a chest image (BodyPartExamined {body})"

@@ -1,6 +1,7 @@
 """POST /dicomweb/studies[/{study}]: STOW-RS into the DICOM node (xray-serve --dicomweb), for archives that
 speak only DICOMweb. Under the API key and the body limit (--max-upload-mb: 413 before or while reading),
-like every HTTP route; the work runs on a thread, like an association's."""
+like every HTTP route; the work runs on a thread, like an association's. At most --max-associations requests
+are received at once (503 + Retry-After beyond): each holds its body in memory."""
 from __future__ import annotations
 
 import asyncio
@@ -8,6 +9,7 @@ import json
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.requests import ClientDisconnect
 
 from .multipart import MultipartError, parse_related
 from .stow import RETRY_AFTER_S, response, store_parts
@@ -39,16 +41,31 @@ async def stow_study(request: Request, study: str) -> Response:
 
 async def _stow(request: Request, study: str | None) -> Response:
     node = request.app.state.node
-    busy = node.busy()
+    busy = node.busy() or _bodies_full(node)
     if busy:
         return JSONResponse({"detail": busy}, 503, headers={"Retry-After": str(RETRY_AFTER_S)})
-    body = await request.body()
+    node.stow_bodies += 1  # held from here: at most max_associations bodies in memory, as DIMSE associations
     try:
-        parts = parse_related(request.headers.get("content-type", ""), body)
-    except MultipartError as e:
-        return JSONResponse({"detail": str(e)}, e.status)
-    client = request.client.host if request.client else ""
-    outcomes = await asyncio.to_thread(store_parts, node, parts, study, client)
+        body = bytearray()
+        async for chunk in request.stream():  # one buffer (request.body() would keep a second copy)
+            body += chunk
+        try:
+            parts = parse_related(request.headers.get("content-type", ""), body)
+        except MultipartError as e:
+            return JSONResponse({"detail": str(e)}, e.status)
+        del body  # the parts hold the instances
+        client = request.client.host if request.client else ""
+        outcomes = await asyncio.to_thread(store_parts, node, parts, study, client)
+    except ClientDisconnect:
+        return Response(status_code=400)  # nobody reads it; no traceback for a client that hung up
+    finally:
+        node.stow_bodies -= 1
     status, payload = response(outcomes)
     headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
     return Response(json.dumps(payload), status, headers=headers, media_type=MEDIA_TYPE)
+
+
+def _bodies_full(node) -> str | None:
+    limit = node.settings.max_associations
+    return f"busy: {limit} STOW-RS requests being received (--max-associations)" if node.stow_bodies >= limit \
+        else None

@@ -159,10 +159,12 @@ function show(c, rec) {
     noheat.textContent = rec.ood ? "No heatmap: not assessed." : "No heatmap.";
     body.append(noheat);  // after the reason
   }
+  if (viewer.card === c) refreshViewer(c);
 }
 
 async function classify(files) {
   if (!files.length) return;
+  await metaReady;  // the heatmap offer and --max-files come from /v1/metadata
   const max = meta ? meta.limits.max_files : 16;
   for (let i = 0; i < files.length; i += max) {
     const chunk = files.slice(i, i + max);
@@ -229,16 +231,20 @@ function syncViewer() {
   $("vopacity").value = c.view.opacity;
 }
 
-function openViewer(c) {
-  viewer.card = c;
-  const [base, layer] = [$("vbase"), $("vlayer")];
-  base.alt = c.dataset.file;
-  $("vtitle").textContent = c.dataset.file;
+function refreshViewer(c) {  // also when the answer arrives while the film is already enlarged
   $("vheading").textContent = c.querySelector(".pred").textContent;
   $("vheading").classList.toggle("flagged", c.classList.contains("ood"));
   for (const e of document.querySelectorAll("#viewer .heatctl")) e.hidden = !c.view.layer;
-  layer.src = c.view.layer || "";
+  $("vlayer").src = c.view.layer || "";
   syncViewer();
+}
+
+function openViewer(c) {
+  viewer.card = c;
+  const base = $("vbase");
+  base.alt = c.dataset.file;
+  $("vtitle").textContent = c.dataset.file;
+  refreshViewer(c);
   base.onload = () => {
     $("vstack").style.width = base.naturalWidth + "px";
     $("vstack").style.height = base.naturalHeight + "px";
@@ -263,6 +269,7 @@ $("viewer").addEventListener("close", () => { viewer.card = null; });
 const stage = $("stage");
 stage.addEventListener("wheel", (e) => {
   e.preventDefault();
+  if (!e.deltaY) return;  // a sideways swipe is not a zoom
   const box = stage.getBoundingClientRect();
   zoom(e.deltaY < 0 ? 1.15 : 1 / 1.15, e.clientX - box.left, e.clientY - box.top);
 }, { passive: false });
@@ -302,6 +309,6 @@ drop.addEventListener("drop", (e) => { e.preventDefault(); drop.classList.remove
 $("keyform").addEventListener("submit", (e) => {
   e.preventDefault();
   sessionStorage.setItem("xray-api-key", $("key").value.trim());
-  loadMetadata();
+  metaReady = loadMetadata().catch(() => {});
 });
-loadMetadata();
+let metaReady = loadMetadata().catch(() => {});  // a failed load is shown in #model; the page still works
