@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+TRACKERS := $(VENV)/.trackers
 ARM64  := $(VENV)/arm64
 PYTEST_ARGS ?=
 
@@ -14,7 +15,7 @@ $(PY):
 	$(PY) -m pip install --quiet --upgrade pip
 
 $(STAMP): pyproject.toml Makefile | $(PY)
-	$(PY) -m pip install --quiet -e '.[train,dicom,serve,dev,mlflow,wandb]'
+	$(PY) -m pip install --quiet -e '.[train,dicom,serve,dev]'
 	# wheels of the edge install, so the no-torch venv test runs offline
 	$(PY) -m pip download --quiet --only-binary=:all: -d $(VENV)/edge-wheels onnxruntime numpy pillow click \
 		fastapi uvicorn python-multipart prometheus-client httptools uvloop fastapi-offline
@@ -35,6 +36,11 @@ test-tools:
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver qemu-user debootstrap \
 		orthanc orthanc-dicomweb dcmtk >/dev/null; }
 
+# the trackers' extras (MLflow, W&B) for the tracking tests only: make demo does not pay for them
+$(TRACKERS): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[train,dicom,serve,dev,mlflow,wandb]'
+	touch $(TRACKERS)
+
 # an arm64 Debian root with this venv's numpy + onnxruntime as aarch64 wheels (about a minute)
 $(ARM64): $(STAMP) | test-tools
 	PYTHON=$(PY) scripts/arm64_root.sh $(ARM64)
@@ -45,7 +51,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) scripts/demo.py $(if $(FRESH),--fresh,) $(DEMO_ARGS)
 
-test: $(STAMP) test-tools $(ARM64)
+test: $(STAMP) $(TRACKERS) test-tools $(ARM64)
 	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
 
 clean:
