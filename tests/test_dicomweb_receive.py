@@ -4,36 +4,24 @@ answers the PS3.18 response. A real server process; a DIMSE PACS in the test tak
 DICOMweb plugin pushes through its own DICOMweb client and files the SRs it gets back by STOW-RS."""
 from __future__ import annotations
 
-import io
-import json
-import uuid
 
-import numpy as np
 import pydicom
 import pytest
 import requests
 from peers import OrthancDicomWeb, events, free_port, wait_until
 from pydicom.uid import generate_uid
-from pynetdicom.sop_class import CTImageStorage, DigitalXRayImageStorageForPresentation, SecondaryCaptureImageStorage
+from pynetdicom.sop_class import CTImageStorage
 from serving import Server, raw_http
 from test_dicom_node import Pacs, dicoms, instances, write_dicom  # noqa: F401  (dicoms: a fixture)
 from test_infer import radiograph
 
+from xray.serve.dicom.stow_client import multipart_related
+
 pytestmark = pytest.mark.slow
 
 
-def stow_body(*files_or_bytes) -> tuple[bytes, str]:
-    """(a multipart/related body of application/dicom parts, its Content-Type)."""
-    boundary = f"xray-{uuid.uuid4().hex}"
-    body = b""
-    for item in files_or_bytes:
-        data = item if isinstance(item, bytes) else item.read_bytes()
-        body += f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + data + b"\r\n"
-    return body + f"--{boundary}--\r\n".encode(), f'multipart/related; type="application/dicom"; boundary={boundary}'
-
-
 def stow(server: Server, *files, path: str = "/dicomweb/studies", headers: dict | None = None) -> requests.Response:
-    body, content_type = stow_body(*files)
+    body, content_type = multipart_related([f if isinstance(f, bytes) else f.read_bytes() for f in files])
     return requests.post(server.url + path, data=body, timeout=120,
                          headers={"Content-Type": content_type, "Accept": "application/dicom+json", **(headers or {})})
 
