@@ -44,7 +44,7 @@ def load_dicom(data: bytes, label: str, max_pixels: int) -> Image.Image:
             arr = pixel_array(_first_frame(ds, *deflated, label), view_only=True)
         else:
             arr = pixel_array(io.BytesIO(data), index=0, view_only=True)  # reads and decodes the first frame only
-    except ImageError:
+    except (ImageError, MemoryError):  # out of memory is the machine's state, not the image's
         raise
     except Exception as e:
         raise BadDicom(f"{label}: cannot decode DICOM pixel data (transfer syntax {getattr(ts, 'name', ts)}: "
@@ -78,7 +78,7 @@ def read_dicom_header(fp, label: str):
             return ds, (inflater, offset)
         fp.seek(0)
         return pydicom.dcmread(fp, stop_before_pixels=True), None
-    except ImageError:
+    except (ImageError, MemoryError):  # out of memory is the machine's state, not the image's
         raise
     except Exception as e:
         raise BadDicom(f"{label}: not a readable DICOM file ({one_line(e)})") from None
@@ -143,6 +143,8 @@ def _header_before_pixels(buf: bytearray):
     try:
         ds = read_dataset(fp, is_implicit_VR=False, is_little_endian=True,
                           stop_when=lambda tag, vr, length: tag in _PIXEL_TAGS)
+    except MemoryError:
+        raise
     except Exception:  # cut inside an element: more must be inflated
         return None
     offset = fp.tell()
@@ -229,6 +231,8 @@ def _voi_to_gray8(y: np.ndarray, ds, label: str, apply_voi_lut, seen=None) -> np
             v = np.asarray(apply_voi_lut(y, ds, prefer_lut=True), dtype=np.float64) / (2 ** bits - 1)
         else:
             v = _window(np.asarray(y, dtype=np.float64), ds)
+    except MemoryError:
+        raise
     except Exception as e:  # malformed LUT descriptors / data, a zero window width
         raise BadDicom(f"{label}: invalid VOI LUT / window ({one_line(e)})") from None
     finite = np.isfinite(v)

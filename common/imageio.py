@@ -64,7 +64,7 @@ def load_image(source: str | Path | bytes, *, max_pixels: int = DEFAULT_MAX_PIXE
     dicom = is_dicom(name or (source if not isinstance(source, bytes) else ""), data)
     try:
         return load_dicom(data, label, max_pixels) if dicom else _load_pil(data, label, max_pixels, draft_size)
-    except ImageError:
+    except (ImageError, MemoryError):  # out of memory is the machine's state, not the image's
         raise
     except Exception as e:  # a decoder's bug, or a file it did not foresee: this image's error, not the batch's
         error = BadDicom if dicom else CorruptImage
@@ -94,6 +94,8 @@ def _load_pil(data: bytes, label: str, max_pixels: int, draft_size: int | None) 
             raise NotAnImage(f"{label}: not a recognised image file") from None
         except Image.DecompressionBombError:
             raise TooManyPixels(f"{label}: image too large (decompression bomb)") from None
+        except MemoryError:
+            raise
         except Exception as e:  # PIL raises many types for garbage headers
             raise NotAnImage(f"{label}: cannot decode ({one_line(e)})") from None
         w, h = img.size
@@ -111,7 +113,7 @@ def _load_pil(data: bytes, label: str, max_pixels: int, draft_size: int | None) 
             img.load()
             ImageOps.exif_transpose(img, in_place=True)  # in place: no copy of the decoded image
             return to_gray8(img)
-        except ImageError:
+        except (ImageError, MemoryError):  # out of memory is the machine's state, not the image's
             raise
         except Exception as e:  # truncated/corrupt streams surface only on load
             raise CorruptImage(f"{label}: corrupt or truncated image ({one_line(e)})") from None

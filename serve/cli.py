@@ -29,7 +29,8 @@ DICOM node (--dicom-port): a Storage SCP for CR, DX and Secondary Capture on the
 instance is logged in --results DIR/results.jsonl; --send-to sends an SR per instance, by C-STORE to
 AE@HOST:PORT or by DICOMweb STOW-RS to dicomweb+https://HOST/ROOT (--send-credentials FILE for its token).
 \b
-SIGTERM / Ctrl-C: stop accepting, finish the requests in flight, exit 0.
+SIGTERM / Ctrl-C: stop accepting, finish the requests in flight, exit 0. SIGHUP: reopen --results
+DIR/results.jsonl (after logrotate moved it).
 """
 
 
@@ -103,6 +104,7 @@ def main(model_path, precision, force_int8, host, port, api_key_file, max_batch,
             app.state.node.start()
         except OSError as e:
             raise XrayError(f"DICOM node: could not listen on {host}:{dicom['dicom_port']} ({e.strerror or e})") from None
+        reopen_on_sighup(app.state.node.results)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=log_level == "debug",
                             limit_concurrency=max(256, 4 * max_queue), timeout_graceful_shutdown=30,
                             timeout_keep_alive=5, server_header=False)
@@ -111,6 +113,15 @@ def main(model_path, precision, force_int8, host, port, api_key_file, max_batch,
     if not server.started:
         raise XrayError(f"could not listen on {host}:{port} (in use, or not an address of this machine)")
     sys.exit(EXIT_FAILURE if app.state.failed else EXIT_OK)  # the failure's line is logged already
+
+
+def reopen_on_sighup(results):
+    """SIGHUP (logrotate's postrotate): continue in a new results.jsonl. The reopen takes the log's lock, so it
+    runs on a thread of its own, never inside the handler (which may interrupt a write holding that lock)."""
+    def handler(signum, frame):
+        threading.Thread(target=results.reopen, name="xray-log-reopen", daemon=True).start()
+
+    signal.signal(signal.SIGHUP, handler)
 
 
 def read_key(path: str | None) -> str | None:

@@ -95,6 +95,10 @@ async def predict(request: Request, top_k: int | None = Query(None, ge=1, descri
                                        ood_action or s.settings.ood_action, views)
     except Unavailable as e:
         return JSONResponse({"detail": str(e)}, status_code=503, headers={"Retry-After": str(e.retry_after)})
+    except MemoryError:  # the machine's state, not the images': the client sends them again later
+        s.metrics.errors.labels("out_of_memory").inc()
+        return JSONResponse({"detail": "out of memory: send the images again later"}, status_code=503,
+                            headers={"Retry-After": "5"})
     except ClientDisconnect:  # the client went away mid-upload: nobody to answer, nothing held
         s.metrics.errors.labels("client_disconnected").inc()
         return Response(status_code=400)

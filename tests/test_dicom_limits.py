@@ -136,8 +136,11 @@ def test_outbox_drops_half_written_results_and_keeps_whole_ones(tmp_path, dicoms
     assert not half.exists() and again.unreadable == [damaged] and damaged.exists()
     (resumed,) = again.entries()
     assert resumed.path == entry.path and resumed.sr_uid == entry.sr_uid == str(resumed.datasets()[0].SOPInstanceUID)
-    kept = again.set_aside(resumed, "refused", status=0xA900, reason="test")
-    assert again.backlog() == 0 and json.loads((kept / "status.json").read_text())["state"] == "refused"
+    assert resumed.objects[0]["kind"] == "sr" and resumed.pending() == resumed.objects
+    again.mark(resumed, resumed.objects[0], "refused", status=0xA900, reason="test")
+    kept = tmp_path / "refused" / entry.name
+    status = json.loads((kept / "status.json").read_text())
+    assert again.backlog() == 0 and status["state"] == "refused" and status["objects"]["sr.dcm"]["status"] == 0xA900
     assert (kept / "sr.dcm").exists() and Outbox(tmp_path).backlog() == 0
 
 

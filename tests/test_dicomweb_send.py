@@ -66,7 +66,8 @@ def entry(tmp_path) -> Entry:
     objects = []
     for i, name in enumerate(("sr.dcm", "object1.dcm")):
         path = write_dicom(folder / name, radiograph(32, seed=i), SecondaryCaptureImageStorage, 8)
-        objects.append({"file": name, "sop_instance_uid": _uid(path), "sop_class": SecondaryCaptureImageStorage})
+        objects.append({"file": name, "kind": "sr" if i == 0 else "sc", "sop_instance_uid": _uid(path),
+                        "sop_class": SecondaryCaptureImageStorage})
     return Entry(folder, time.time(), "1.2.3.4", objects)
 
 
@@ -242,38 +243,44 @@ def test_retry_after_seconds_or_http_date():
 
 
 def _decide(status, body=b"", entry=None, retry_after=None):
-    return decide(status, parse_answer(body), entry, "dicomweb+http://archive/r", retry_after)
+    """(the SR's outcome, the heatmap's outcome)"""
+    return tuple(decide(status, parse_answer(body), entry.objects, "dicomweb+http://archive/r", retry_after))
 
 
-def test_what_each_answer_means(entry):
+def test_what_each_answer_means_for_each_object(entry):
     sr, sc = (o["sop_instance_uid"] for o in entry.objects)
     sent = _decide(200, ORTHANC_200, entry)  # 200: stored, whatever the body lists
-    assert sent.kind == SENT and sent.fields == {"http_status": 200}
-    partial = _decide(202, stow_answer([sr], {sc: 0xA900})[2], entry)
-    assert partial.kind == SENT and "object1.dcm not stored (0xA900 data set does not match SOP class)" in \
-        partial.fields["warning"] and partial.fields["http_status"] == 202
-    lost_sr = _decide(202, stow_answer([sc], {sr: 0xC000})[2], entry)
-    assert lost_sr.kind == REFUSED and "the SR failed (0xC000 cannot understand)" in lost_sr.reason
-    busy = _decide(202, stow_answer([sc], {sr: 0xA700})[2], entry)
+    assert [o.kind for o in sent] == [SENT, SENT] and sent[0].fields == {"http_status": 200}
+    sr_out, sc_out = _decide(202, stow_answer([sr], {sc: 0xA900})[2], entry)  # the heatmap refused, not the SR
+    assert sr_out.kind == SENT and sr_out.fields == {"http_status": 202}
+    assert sc_out.kind == REFUSED and "object1.dcm failed (0xA900 data set does not match SOP class)" in sc_out.reason
+    lost_sr, stored_sc = _decide(202, stow_answer([sc], {sr: 0xC000})[2], entry)
+    assert lost_sr.kind == REFUSED and "sr.dcm failed (0xC000 cannot understand)" in lost_sr.reason
+    assert stored_sc.kind == SENT
+    busy, _ = _decide(202, stow_answer([sc], {sr: 0xA700})[2], entry)
     assert busy.kind == RETRY and "0xA700 out of resources" in busy.reason
-    assert _decide(202, b"", entry).kind == REFUSED  # "some failed", and no word of which: not known to be stored
-    again = _decide(409, stow_answer([], {sr: 0x0111, sc: 0x0111}, status=409)[2], entry)
-    assert again.kind == SENT and "already stored" in again.fields["warning"]  # a resend after a crash
-    conflict = _decide(409, stow_answer([], {sr: 0xA900}, status=409)[2], entry)
+    assert {o.kind for o in _decide(202, b"", entry)} == {REFUSED}  # "some failed", and no word of which
+    again = _decide(409, stow_answer([], {sr: 0x0111, sc: 45070}, status=409)[2], entry)  # a resend after a crash
+    assert [(o.kind, o.fields.get("already_stored")) for o in again] == [(SENT, True), (SENT, True)]
+    conflict, sc_conflict = _decide(409, stow_answer([], {sr: 0xA900}, status=409)[2], entry)
     assert conflict.kind == REFUSED and conflict.reason.startswith("HTTP 409 Conflict from dicomweb+http://archive/r")
     assert "0xA900" in conflict.reason and conflict.fields == {"http_status": 409}
-    orthanc_400 = _decide(400, stow_answer([sr])[2], entry)  # Orthanc: 400, the good part stored all the same
-    assert orthanc_400.kind == SENT and "object1.dcm not stored (not in the answer)" in orthanc_400.fields["warning"]
-    only_sc = _decide(409, stow_answer([], {sc: 0xC122}, status=409)[2], entry)  # named by our file, not its UID
-    assert only_sc.kind == REFUSED and only_sc.reason.endswith(": object1.dcm: 0xC122 transfer syntax not supported")
-    bad = _decide(400, b"<html><body>Missing Study Instance UID</body></html>", entry)
+    assert sc_conflict.kind == REFUSED and "sr.dcm: 0xA900" in sc_conflict.reason  # not in the answer
+    orthanc_sr, orthanc_sc = _decide(400, stow_answer([sr])[2], entry)  # Orthanc: 400, the good part stored anyway
+    assert orthanc_sr.kind == SENT and orthanc_sc.kind == REFUSED
+    warned, _ = _decide(200, stow_answer([sr])[2].replace(b'"00081155"', b'"00081196": {"vr": "US", "Value": '
+                                                                           b'[45056]}, "00081155"'), entry)
+    assert warned.kind == SENT and "sr.dcm stored with warning 0xB000" in warned.fields["warning"]
+    _, only_sc = _decide(409, stow_answer([], {sc: 0xC122}, status=409)[2], entry)  # named by our file, not its UID
+    assert only_sc.kind == REFUSED and "object1.dcm failed (0xC122 transfer syntax not supported)" in only_sc.reason
+    bad, _ = _decide(400, b"<html><body>Missing Study Instance UID</body></html>", entry)
     assert bad.kind == REFUSED and bad.reason.endswith(": Missing Study Instance UID")
     for status in (413, 415, 422):
-        assert _decide(status, b"", entry).kind == REFUSED
+        assert {o.kind for o in _decide(status, b"", entry)} == {REFUSED}
     for status in (301, 307, 401, 403, 404, 408, 429, 500, 502, 503, 504):
-        outcome = _decide(status, b"", entry, retry_after=5.0)
-        assert outcome.kind == RETRY and outcome.retry_after_s == 5.0 and f"HTTP {status}" in outcome.reason, status
-    assert "credentials were not accepted" in _decide(401, b"", entry).reason
+        for outcome in _decide(status, b"", entry, retry_after=5.0):
+            assert outcome.kind == RETRY and outcome.retry_after_s == 5.0 and f"HTTP {status}" in outcome.reason
+    assert "credentials were not accepted" in _decide(401, b"", entry)[0].reason
 
 
 def test_backoff_takes_retry_after_up_to_its_maximum(tmp_path):
@@ -315,9 +322,10 @@ def test_stow_transport_posts_one_request_per_result_with_basic_auth(entry, tmp_
     with ScriptedStow(root="/dicom-web") as archive:
         transport = StowTransport(parse_destination(archive.url + "/"), credentials, timeout_s=5)
         assert transport.open_round() is None
-        outcome = transport.send(entry)
+        outcomes = transport.send(entry, entry.objects)
         transport.close()
-    assert outcome.kind == SENT and outcome.fields == {"http_status": 200}, outcome
+    assert [(obj["file"], o.kind, o.fields) for obj, o in outcomes] == \
+        [("sr.dcm", SENT, {"http_status": 200}), ("object1.dcm", SENT, {"http_status": 200})]
     (request,) = archive.seen()
     assert request["path"] == "/dicom-web/studies"
     assert request["headers"]["authorization"] == "Basic " + base64.b64encode(b"edge:s3cr:et").decode()
@@ -330,7 +338,7 @@ def test_stow_transport_failures_that_may_pass(entry, tmp_path, monkeypatch):
     for name, value in NO_PROXY.items():
         monkeypatch.setenv(name, value)
     refused = StowTransport(parse_destination(f"dicomweb+http://127.0.0.1:{free_port()}/r"), None, timeout_s=5)
-    outcome = refused.send(entry)
+    (_, outcome), _ = refused.send(entry, entry.objects)
     assert outcome.kind == RETRY and "cannot reach" in outcome.reason and "refused" in outcome.reason.lower(), outcome
 
     with socket.socket() as silent:  # accepts, reads, never answers
@@ -339,8 +347,8 @@ def test_stow_transport_failures_that_may_pass(entry, tmp_path, monkeypatch):
         held = []
         threading.Thread(target=lambda: held.append(silent.accept()), daemon=True).start()
         start = time.monotonic()
-        outcome = StowTransport(parse_destination(f"dicomweb+http://127.0.0.1:{silent.getsockname()[1]}/r"), None,
-                                timeout_s=1).send(entry)
+        (_, outcome), = StowTransport(parse_destination(f"dicomweb+http://127.0.0.1:{silent.getsockname()[1]}/r"),
+                                      None, timeout_s=1).send(entry, entry.objects[:1])
         assert outcome.kind == RETRY and "timed out" in outcome.reason, outcome
         assert time.monotonic() - start < 5
         for conn, _ in held:
@@ -349,12 +357,12 @@ def test_stow_transport_failures_that_may_pass(entry, tmp_path, monkeypatch):
     answers = iter([(503, {"Retry-After": "7"}, b"busy"), (301, {"Location": "http://elsewhere/"}, b"")])
     with ScriptedStow(lambda request: next(answers)) as archive:
         transport = StowTransport(parse_destination(archive.url), tmp_path / "no-credentials-yet", timeout_s=5)
-        missing = transport.send(entry)  # the file is read before each request: missing now is a retry
+        (_, missing), = transport.send(entry, entry.objects[:1])  # the file is read before each request: missing now is a retry
         assert missing.kind == RETRY and "no-credentials-yet" in missing.reason and archive.seen() == []
         transport.credentials = None
-        busy = transport.send(entry)
+        (_, busy), = transport.send(entry, entry.objects[:1])
         assert busy.kind == RETRY and busy.retry_after_s == 7 and busy.fields == {"http_status": 503}
-        moved = transport.send(entry)
+        (_, moved), = transport.send(entry, entry.objects[:1])
         assert moved.kind == RETRY and "redirected" in moved.reason
         assert len(archive.seen()) == 2  # the redirect was not followed (a POST replayed as a GET stores nothing)
 
@@ -380,12 +388,14 @@ def test_orthanc_pushes_a_cr_and_finds_the_sr_and_heatmap_in_its_study_by_qido(c
         assert job["InstancesCount"] == 1 and job["FailedInstancesCount"] == 0, (job, archive.log()[-3000:])
         (done,) = wait_until(lambda: _terminal(out, uid), 60, what="the report's outcome")
         assert done["event"] == "sr_sent", done
+        (heatmap,) = wait_until(lambda: events(out, "sc_sent", "sc_refused"), 30, what="the heatmap's outcome")
         srs = archive.instances_in_study(study, "SR")
         everything = archive.instances_in_study(study)
         health = requests.get(node.url + "/health/ready", timeout=10).json()
     assert done["http_status"] == 200 and "warning" not in done and done["destination"] == _dicomweb_url(archive, "/")
     assert srs == [done["sr_sop_instance_uid"]], (srs, done)
-    assert done["heatmap_sop_instance_uid"] in everything and uid in everything, everything
+    assert heatmap["event"] == "sc_sent" and heatmap["entry"] == done["entry"], heatmap
+    assert heatmap["heatmap_sop_instance_uid"] in everything and uid in everything, everything
     assert health["outbox"] == {"backlog": 0, "oldest_age_s": 0.0, "destination": _dicomweb_url(archive, "/")}
     assert list((out / "outbox").iterdir()) == []
 
@@ -494,8 +504,9 @@ def test_refusals_are_kept_with_the_reason_and_a_busy_archive_is_retried(tiny_on
         assert kept.parent == out / "refused" and (kept / "sr.dcm").is_file()
         assert _uid(kept / "sr.dcm") == refused["sr_sop_instance_uid"]
         status = json.loads((kept / "status.json").read_text())
-        assert status["state"] == "refused" and status["reason"] == refused["reason"]
-        assert status["http_status"] == refused["http_status"] and status["destination"] == archive.url
+        sr_status = status["objects"]["sr.dcm"]
+        assert status["state"] == "refused" and sr_status["state"] == "refused" and sr_status["reason"] == refused["reason"]
+        assert sr_status["http_status"] == refused["http_status"] and sr_status["destination"] == archive.url
     (waiting,) = events(out, "send_waiting")
     assert "HTTP 503" in waiting["reason"] and "Service Unavailable" in waiting["reason"], waiting
     per_source = [source[_sr_source(r)] for r in archive.seen()]
@@ -506,7 +517,7 @@ def test_refusals_are_kept_with_the_reason_and_a_busy_archive_is_retried(tiny_on
 
 
 @pytest.mark.slow
-def test_a_refused_heatmap_still_delivers_the_report_with_a_warning(cam_onnx, tmp_path):
+def test_a_refused_heatmap_never_hides_the_delivered_report(cam_onnx, tmp_path):
     out = tmp_path / "results"
 
     def answer(request):
@@ -519,9 +530,15 @@ def test_a_refused_heatmap_still_delivers_the_report_with_a_warning(cam_onnx, tm
                    "--send-to", archive.url, "--send-backoff-max-s", 1, env=NO_PROXY) as node:
         assert store(node_port(node), [dx]) == [0x0000]
         (done,) = wait_until(lambda: _terminal(out, _uid(dx)), 30, what="the report's outcome")
-    assert done["event"] == "sr_sent" and done["http_status"] == 202, done
-    assert "object1.dcm not stored (0xA900" in done["warning"] and "heatmap_sop_instance_uid" in done, done
-    (request,) = archive.seen()  # one request: the SR and its heatmap together
+        (heatmap,) = wait_until(lambda: events(out, "sc_sent", "sc_refused"), 30, what="the heatmap's outcome")
+    assert done["event"] == "sr_sent" and done["http_status"] == 202 and "warning" not in done, done
+    assert heatmap["event"] == "sc_refused" and "object1.dcm failed (0xA900" in heatmap["reason"], heatmap
+    assert heatmap["entry"] == done["entry"] and heatmap["heatmap_sop_instance_uid"] != done["sr_sop_instance_uid"]
+    kept = Path(heatmap["kept"])
+    assert kept.parent == out / "refused" and (kept / "object1.dcm").is_file()
+    status = json.loads((kept / "status.json").read_text())
+    assert status["objects"]["sr.dcm"]["state"] == "sent" and status["objects"]["object1.dcm"]["state"] == "refused"
+    (request,) = archive.seen()  # one request: the SR and its heatmap together; the refused one is not retried
     classes = [str(pydicom.dcmread(io.BytesIO(p), stop_before_pixels=True).SOPClassUID) for p in multipart_parts(request)]
     assert classes == [ComprehensiveSRStorage, SecondaryCaptureImageStorage]
     assert list((out / "outbox").iterdir()) == [] and not events(out, "send_waiting")

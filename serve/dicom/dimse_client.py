@@ -1,6 +1,7 @@
 """The DIMSE transport of the Sender: one association per round, a C-STORE per object (the SR, then its heatmap SC).
 
-C-STORE statuses (PS3.4 Annex B, PS3.7 C): 0x0000 or a warning 0xBxxx (stored with a remark) is sent;
+C-STORE statuses (PS3.4 Annex B, PS3.7 C): 0x0000 or a warning 0xBxxx (stored with a remark) is sent, and so is
+0x0111 "duplicate SOP instance" (the archive has this very object: a resend after a crash, a re-pushed study);
 0xA7xx out of resources, no answer, an abort or a timeout may pass (retry); anything else (0xA9xx data set does
 not match the SOP class, 0xCxxx cannot understand, 0x0122 SOP class not supported, ...) is refused.
 """
@@ -14,13 +15,15 @@ from .destination import Destination
 from .outbox import Entry
 from .transport import REFUSED, RETRY, SENT, Outcome
 
+DUPLICATE = 0x0111
+
 
 def outcome(status: int | None) -> str:
-    """What a C-STORE status means for the result."""
+    """What a C-STORE status means for the object."""
     if status is None:
         return RETRY  # no answer: timeout, abort, connection lost
-    if status == 0x0000 or (status >> 12) == 0xB:
-        return SENT  # success, or stored with a warning
+    if status in (0x0000, DUPLICATE) or (status >> 12) == 0xB:
+        return SENT  # success, stored with a warning, or already there
     if (status >> 8) == 0xA7:
         return RETRY  # out of resources: try again later
     return REFUSED
@@ -44,21 +47,28 @@ class DimseTransport:
             return Outcome.retry(f"no association with {self.where} (refused, unreachable or timed out)")
         return None
 
-    def send(self, entry: Entry) -> Outcome:
-        statuses = []
-        for ds in entry.datasets():
-            name = ds.SOPClassUID.name
-            try:
-                status = getattr(self.assoc.send_c_store(ds), "Status", None)
-            except ValueError as e:  # the PACS accepted no presentation context for this SOP class
-                return Outcome.refused(f"{self.where} does not accept {name}: {e}", status=None)
-            kind = outcome(status)
-            if kind == RETRY:
-                return Outcome.retry(f"C-STORE of {name}: {'no answer' if status is None else f'status 0x{status:04X}'}")
-            if kind == REFUSED:
-                return Outcome.refused(f"C-STORE of {name} refused with status 0x{status:04X}", status=f"0x{status:04X}")
-            statuses.append(f"0x{status:04X}")
-        return Outcome.sent(statuses=statuses)
+    def send(self, entry: Entry, objects: list[dict]) -> list[tuple[dict, Outcome]]:
+        """A C-STORE per object, in order; stops after one that must be retried (the association may be gone)."""
+        done = []
+        for obj, ds in zip(objects, entry.datasets(objects)):
+            result = self._store(ds)
+            done.append((obj, result))
+            if result.kind == RETRY:
+                break
+        return done
+
+    def _store(self, ds) -> Outcome:
+        name = ds.SOPClassUID.name
+        try:
+            status = getattr(self.assoc.send_c_store(ds), "Status", None)
+        except ValueError as e:  # the PACS accepted no presentation context for this SOP class
+            return Outcome.refused(f"{self.where} does not accept {name}: {e}", status=None)
+        kind = outcome(status)
+        if kind == RETRY:
+            return Outcome.retry(f"C-STORE of {name}: {'no answer' if status is None else f'status 0x{status:04X}'}")
+        if kind == REFUSED:
+            return Outcome.refused(f"C-STORE of {name} refused with status 0x{status:04X}", status=f"0x{status:04X}")
+        return Outcome.sent(status=f"0x{status:04X}", **({"already_stored": True} if status == DUPLICATE else {}))
 
     def close(self):
         if self.assoc is not None and self.assoc.is_established:

@@ -10,9 +10,13 @@ received gets a line in `results.jsonl`, with a prediction or a reason (not a ch
 undecodable pixels); none crashes the node.
 
 C-STORE answers: 0x0000 once the instance is logged and its report is on disk in the outbox (or it gets
-none: not a chest film, undecodable pixels); 0xA700 "out of resources" when the node cannot take it now
-(loading, shutting down, --max-queue reached, an internal failure) so that the modality sends it again;
-0xC000 only for a dataset that cannot be parsed.
+none: not a chest film, undecodable pixels, logged with the image error's `kind`; or its report already waits
+there: `duplicate_of`); 0xA700 "out of resources" when the node cannot take it now (loading, shutting down,
+--max-queue reached, out of memory, the same instance arriving on another association, an internal failure) so
+that the modality sends it again; 0xC000 only for a dataset that cannot be parsed.
+
+Nothing about an association outlives it (the byte count of its current instance goes with its connection):
+the node's memory does not grow with the associations it has served (scripts/bench_node_memory.py).
 """
 from __future__ import annotations
 
@@ -35,7 +39,7 @@ from . import pdu_limit
 from .destination import Destination, DicomWebDestination
 from .outbox import Outbox
 from .reports import build_reports, model_identity
-from .results_log import PatientIdPolicy, ResultsLog
+from .results_log import PatientIdPolicy, ResultsLog, lines_since
 from .sender import Sender
 from .sr import HEATMAP_DESCRIPTION
 
@@ -104,7 +108,8 @@ class DicomNode:
         if self.outbox is not None:
             service.metrics.outbox_backlog.set_function(self.outbox.backlog)
             service.metrics.outbox_oldest.set_function(self.outbox.oldest_age_s)
-        self._received: dict[int, int] = {}  # association id -> bytes received since its last C-STORE
+        self._received: dict[int, int] = {}  # open association id -> bytes received since its last C-STORE
+        self._receiving: set[str] = set()  # SOP Instance UIDs being classified now (one association each)
         self._in_flight, self._lock = 0, threading.Lock()
         self._server, self._listening = None, False
         self.stow_bodies = 0  # STOW-RS requests being received (serve.dicom.stow_routes; the event loop's thread)
@@ -123,6 +128,8 @@ class DicomNode:
         for folder in self.outbox.unreadable if self.outbox else []:
             log.warning("outbox: %s has no readable result.json: left in place, not sent", folder)
             self.results.write("outbox_unreadable", folder=str(folder))
+        if self.outbox is not None:
+            reconcile(self.outbox, self.results)
         if self.sender:
             self.sender.start()
         takes = [f"listening on {s.host}:{self.port} (storage: CR, DX, SC; {len(self.transfer_syntaxes)} "
@@ -146,7 +153,7 @@ class DicomNode:
         ae.add_supported_context(Verification)
         handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_ACCEPTED, self._on_accepted),
                     (evt.EVT_REJECTED, self._on_rejected), (evt.EVT_DATA_RECV, self._on_data),
-                    (evt.EVT_ABORTED, self._on_aborted)]
+                    (evt.EVT_CONN_CLOSE, self._on_closed)]
         self._server = ae.start_server((s.host, s.port), block=False, evt_handlers=handlers)
         self._listening = True
         if s.host not in LOOPBACK and not s.allow_ae:
@@ -206,14 +213,26 @@ class DicomNode:
             reason = f"{s.max_associations} associations already open (--max-associations)"
         self.results.write("association_rejected", calling_ae=calling, called_ae=called, reason=reason)
 
-    def _on_aborted(self, event):
-        self._received.pop(id(event.assoc), None)
+    def _on_closed(self, event):
+        """Released, aborted or dropped: whatever ended the association, its count goes with it."""
+        with self._lock:
+            self._received.pop(id(event.assoc), None)
+
+    def bookkeeping(self) -> dict:
+        """The sizes of everything the node keeps in memory between instances (tests compare it after 10 and
+        after 1,000 associations: nothing may grow with the number served)."""
+        with self._lock:
+            sizes = {"associations": len(self._received), "receiving": len(self._receiving),
+                     "in_flight": self._in_flight}
+        return {**sizes, **(self.outbox.bookkeeping() if self.outbox else {})}
 
     def _on_data(self, event):
         key = id(event.assoc)
-        self._received[key] = self._received.get(key, 0) + len(event.data)
-        if self._received[key] > self.settings.max_instance_mb * 1024 * 1024:
-            self._received.pop(key, None)
+        with self._lock:
+            received = self._received[key] = self._received.get(key, 0) + len(event.data)
+        if received > self.settings.max_instance_mb * 1024 * 1024:
+            with self._lock:
+                self._received[key] = 0
             self.results.write("association_aborted", calling_ae=_calling(event),
                                reason=f"instance larger than the {self.settings.max_instance_mb:g} MB limit "
                                       "(--max-instance-mb)")
@@ -234,13 +253,15 @@ class DicomNode:
 
     def _on_store(self, event) -> int:
         start = time.perf_counter()
-        self._received[id(event.assoc)] = 0
+        with self._lock:
+            self._received[id(event.assoc)] = 0
         ids = {"calling_ae": _calling(event)}
         try:
             ds = event.dataset
             ds.file_meta = event.file_meta
         except Exception as e:  # the only case for "cannot understand": the dataset does not parse
-            self.results.write("instance", status="error", reason=f"cannot read the dataset ({one_line(e)})", **ids)
+            self.results.write("instance", status="error", kind="bad_dicom",
+                               reason=f"cannot read the dataset ({one_line(e)})", **ids)
             return STATUS_CANNOT_UNDERSTAND
         return self.receive(ds, event.encoded_dataset, ids, start)
 
@@ -252,29 +273,51 @@ class DicomNode:
         try:
             ids.update(identifiers(ds))
         except Exception as e:
-            self.results.write("instance", status="error", reason=f"cannot read the dataset ({one_line(e)})", **ids)
+            self.results.write("instance", status="error", kind="bad_dicom",
+                               reason=f"cannot read the dataset ({one_line(e)})", **ids)
             return STATUS_CANNOT_UNDERSTAND
         reason = not_for_the_model(ds)
         if reason:
             self.results.write("instance", status="not_classified", reason=reason, **ids, model=self.model_fields)
             return STATUS_OK
+        uid = ids["sop_instance_uid"]
+        waiting = self._waiting_report(uid)
+        if waiting is not None:  # a retry or a re-push while its report waits: nothing is queued twice
+            self.results.write("instance", **{**waiting.record, **ids}, duplicate_of=waiting.name, **waiting.uids())
+            return STATUS_OK
         with self._lock:
             busy = self.busy()
+            if busy is None and uid and uid in self._receiving:
+                busy = "the same instance is being received on another association"
             if busy is None:
                 self._in_flight += 1
+                self._receiving.add(uid)
         if busy:
             self.results.write("instance", status="deferred", reason=f"{busy}: answered 0xA700, to be resent", **ids)
             return STATUS_OUT_OF_RESOURCES
         try:
             return self._classify_and_keep(encoded, ds, ids, start)
+        except MemoryError:  # resource exhaustion is never a verdict on the image: the modality tries again later
+            log.error("instance %s: out of memory: answered 0xA700", uid)
+            self.results.write("instance", status="deferred", reason="out of memory: answered 0xA700, to be resent",
+                               **ids)
+            return STATUS_OUT_OF_RESOURCES
         except Exception as e:  # onnxruntime, a full disk: transient for the sender, which resends on 0xA7xx
-            log.exception("instance %s failed", ids.get("sop_instance_uid"))
+            log.exception("instance %s failed", uid)
             self.results.write("instance", status="deferred", reason=f"internal error ({one_line(e)}): answered "
                                                                      "0xA700, to be resent", **ids)
             return STATUS_OUT_OF_RESOURCES
         finally:
             with self._lock:
                 self._in_flight -= 1
+                self._receiving.discard(uid)
+
+    def _waiting_report(self, uid: str):
+        """The outbox entry of this instance by this model, still undelivered; None when there is none."""
+        entry = self.outbox.pending_for(uid) if self.outbox is not None else None
+        if entry is None or entry.record.get("model", {}).get("checkpoint_sha256") != self.model_fields["checkpoint_sha256"]:
+            return None
+        return entry
 
     def _classify_and_keep(self, encoded, ds, ids, start) -> int:
         data = encoded()
@@ -282,8 +325,8 @@ class DicomNode:
         record, timing, drawn = self.service.classify_blocking(data, f"{ids['sop_instance_uid']}.dcm", cam=want_cam)
         timing["total_ms"] = round((time.perf_counter() - start) * 1e3, 2)
         if "error" in record:
-            self.results.write("instance", status="error", reason=record["error"]["message"], **ids,
-                               model=self.model_fields, timing=timing)
+            self.results.write("instance", status="error", kind=record["error"]["kind"],
+                               reason=record["error"]["message"], **ids, model=self.model_fields, timing=timing)
             return STATUS_OK  # received and logged; the PACS has nothing to resend
         fields = {k: record[k] for k in ("prediction", "probability", "probabilities", "ood", "ood_score", "reason")
                   if k in record}
@@ -300,11 +343,37 @@ class DicomNode:
             self.results.write("instance", status=status, **ids, **fields, model=self.model_fields, timing=timing)
             self.results.write("sr_not_built", sop_instance_uid=ids["sop_instance_uid"], reason=one_line(e))
             return STATUS_OK
-        entry = self.outbox.put(ids["sop_instance_uid"], objects)  # on disk before the acknowledgement
-        self.results.write("instance", status=status, **ids, **fields, model=self.model_fields, timing=timing,
-                           **entry.uids())
+        line = {"status": status, **ids, **fields, "model": self.model_fields}
+        entry = self.outbox.put(ids["sop_instance_uid"], objects, line)  # on disk before the acknowledgement
+        self.results.write("instance", **line, timing=timing, entry=entry.name, **entry.uids())
         self.sender.wake()
         return STATUS_OK
+
+
+def reconcile(outbox: Outbox, results: ResultsLog):
+    """After a crash: the lines written for the results still in the outbox decide what is left to do. An object
+    whose terminal line is in results.jsonl is done (neither sent nor logged again); a result whose `instance`
+    line never made it (a kill between the outbox's rename and the line) gets it now, marked recovered."""
+    pending = {e.name: e for e in outbox.entries()}
+    if not pending:
+        return
+    logged = set()
+    since = min(e.created for e in pending.values()) - 300  # the lines come after their folder; minus clock slew
+    for event in lines_since(results.path, since):
+        entry = pending.get(event.get("entry"))
+        if entry is None:
+            continue
+        kind, _, state = str(event.get("event")).partition("_")
+        if event["event"] == "instance":
+            logged.add(entry.name)
+        elif kind in ("sr", "sc") and state in ("sent", "refused", "expired"):
+            obj = next((o for o in entry.objects if o["kind"] == kind), None)
+            if obj is not None and obj["file"] not in entry.done:
+                log.info("outbox: %s %s was logged %s before the restart: not sent again", entry.name, kind, state)
+                outbox.mark(entry, obj, state, reason="recovered from results.jsonl")
+    for name, entry in pending.items():
+        if name not in logged:
+            results.write("instance", **entry.record, entry=name, **entry.uids(), recovered=True)
 
 
 def identifiers(ds) -> dict:

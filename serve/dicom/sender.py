@@ -1,31 +1,38 @@
 """Drains the outbox to --send-to, on its own thread: a slow or absent PACS never blocks receiving.
 
 One loop whatever the wire: the transport (DIMSE C-STORE in dimse_client, DICOMweb STOW-RS in stow_client) says
-what each try meant (transport.Outcome); this file owns the order, the back-off and the events. Results go
-oldest first, in rounds (one association, for DIMSE). A failure that may pass (no connection, a timeout, out of
-resources, HTTP 5xx / 429 / 401) ends the round and waits a back-off that doubles from 1 s up to
+what each try meant for each object (transport.Outcome); this file owns the order, the back-off and the events.
+Results go oldest first, in rounds (one association, for DIMSE). A failure that may pass (no connection, a
+timeout, out of resources, HTTP 5xx / 429 / 401) ends the round and waits a back-off that doubles from 1 s up to
 --send-backoff-max-s (longer if the archive said Retry-After, never past that maximum); the results stay in the
-outbox, across restarts, until delivered or older than --send-max-age-h. Every result ends in exactly one terminal
-line in results.jsonl:
-- sr_sent: stored (DIMSE: 0x0000 or a warning 0xBxxx; DICOMweb: the SR stored, a `warning` naming what was not);
-- sr_refused: the destination answered a permanent failure: kept in refused/ with the status;
-- sr_expired: still undelivered after --send-max-age-h: kept in expired/.
+outbox, across restarts, until delivered or older than --send-max-age-h.
+
+The SR and the heatmap SC are delivered and logged apart: every object ends in exactly one terminal line in
+results.jsonl, fsynced before the outbox forgets it (Outbox.mark), so a crash between the two is repaired from
+the log on restart (node.reconcile) and never logs or sends twice:
+- sr_sent / sc_sent: stored (DIMSE: 0x0000, a warning 0xBxxx or 0x0111 already stored; DICOMweb: in the answer's
+  ReferencedSOPSequence, or "already stored"); `already_stored: true` when the archive had it;
+- sr_refused / sc_refused: the destination answered a permanent failure: kept in refused/ with the status;
+- sr_expired / sc_expired: still undelivered after --send-max-age-h: kept in expired/.
 and `send_waiting` says once per outage that reports wait, and why.
 """
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from pathlib import Path
 
 from .destination import DicomWebDestination
 from .dimse_client import DimseTransport
-from .outbox import Entry, Outbox
+from .outbox import EXPIRED, REFUSED, SENT, Entry, Outbox, object_fields
 from .stow_client import StowTransport
-from .transport import REFUSED, RETRY, Outcome
+from .transport import RETRY, Outcome
+from .transport import SENT as SENT_KIND
 
 log = logging.getLogger("xray.serve.dicom")
+PAUSE_ENV = "XRAY_TEST_PAUSE_AFTER_SEND_S"  # tests only: hold the sender between a delivery and its line
 
 
 def transport_for(destination, ae_title: str, credentials: Path | None = None, timeout_s: float = 30.0):
@@ -100,41 +107,50 @@ class Sender:
                 if self._stop.is_set():
                     return True
                 entry.attempts += 1
-                result = self.transport.send(entry)
-                if result.kind == RETRY:
-                    self._note_retry(result)
+                retry = None
+                for obj, result in self.transport.send(entry, entry.pending()):
+                    if result.kind == RETRY:
+                        retry = retry or result
+                    else:
+                        self._terminal(entry, obj, result)
+                if retry is not None:
+                    self._note_retry(retry)
                     return False
-                if result.kind == REFUSED:
-                    self._refuse(entry, result)
-                else:
-                    self._delivered(entry, result)
             return True
         finally:
             self.transport.close()
 
     # ------------------------------------------------------------------ terminal events
-    def _delivered(self, entry: Entry, result: Outcome):
-        self.outbox.delivered(entry)
-        if result.fields.get("warning"):
-            log.warning("report for %s stored by %s with a remark: %s", entry.source_uid, self.where,
-                        result.fields["warning"])
-        self.results.write("sr_sent", sop_instance_uid=entry.source_uid, **entry.uids(), destination=self.where,
-                           attempts=entry.attempts, **result.fields)
-
-    def _refuse(self, entry: Entry, result: Outcome):
-        kept = self.outbox.set_aside(entry, "refused", reason=result.reason, destination=self.where, **result.fields)
-        log.error("report for %s refused by %s: %s (kept in %s)", entry.source_uid, self.where, result.reason, kept)
-        self.results.write("sr_refused", sop_instance_uid=entry.source_uid, **entry.uids(), destination=self.where,
-                           **result.fields, reason=result.reason, attempts=entry.attempts, kept=str(kept))
+    def _terminal(self, entry: Entry, obj: dict, result: Outcome):
+        """An object is delivered or refused: its line first (fsynced), then the outbox forgets it."""
+        state = SENT if result.kind == SENT_KIND else REFUSED
+        _pause_for_tests(entry, obj)
+        fields = {"entry": entry.name, "sop_instance_uid": entry.source_uid, **object_fields(obj),
+                  "destination": self.where, "attempts": entry.attempts, **result.fields}
+        if state == REFUSED:
+            kept = self.outbox.kept_path(entry, REFUSED)
+            log.error("%s for %s refused by %s: %s (kept in %s)", _what(obj), entry.source_uid, self.where,
+                      result.reason, kept)
+            self.results.write(f"{obj['kind']}_refused", **fields, reason=result.reason, kept=str(kept))
+        else:
+            if result.fields.get("warning"):
+                log.warning("%s for %s stored by %s with a remark: %s", _what(obj), entry.source_uid, self.where,
+                            result.fields["warning"])
+            self.results.write(f"{obj['kind']}_sent", **fields)
+        self.outbox.mark(entry, obj, state, reason=result.reason, destination=self.where, **result.fields)
 
     def _expire(self, entry: Entry) -> bool:
         age = time.time() - entry.created
         if age <= self.max_age_s:
             return False
-        kept = self.outbox.set_aside(entry, "expired", reason=f"not delivered to {self.where} in {age / 3600:.1f} h")
+        kept = self.outbox.kept_path(entry, REFUSED if REFUSED in entry.done.values() else EXPIRED)
+        reason = f"not delivered to {self.where} in {age / 3600:.1f} h"
         log.error("report for %s expired undelivered after %.1f h (kept in %s)", entry.source_uid, age / 3600, kept)
-        self.results.write("sr_expired", sop_instance_uid=entry.source_uid, **entry.uids(), destination=self.where,
-                           attempts=entry.attempts, age_h=round(age / 3600, 3), kept=str(kept))
+        for obj in entry.pending():
+            self.results.write(f"{obj['kind']}_expired", entry=entry.name, sop_instance_uid=entry.source_uid,
+                               **object_fields(obj), destination=self.where, attempts=entry.attempts,
+                               age_h=round(age / 3600, 3), kept=str(kept))
+            self.outbox.mark(entry, obj, EXPIRED, reason=reason)
         return True
 
     def _note_retry(self, result: Outcome):
@@ -146,3 +162,17 @@ class Sender:
                                reason=result.reason)
         else:
             log.debug("reports to %s still wait: %s", self.where, result.reason)
+
+
+def _what(obj: dict) -> str:
+    return "report" if obj["kind"] == "sr" else "heatmap"
+
+
+def _pause_for_tests(entry: Entry, obj: dict):
+    """With XRAY_TEST_PAUSE_AFTER_SEND_S set (the fault-injection run, scripts/chaos_node.py), wait there: the
+    object is in the archive and its line not yet written, the one moment a random SIGKILL cannot hit."""
+    seconds = float(os.environ.get(PAUSE_ENV) or 0)
+    if seconds > 0:
+        log.warning("test pause after send: %s %s of %s delivered, its line not yet written (%s)", entry.name,
+                    obj["kind"], entry.source_uid, PAUSE_ENV)
+        time.sleep(seconds)

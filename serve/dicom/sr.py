@@ -146,16 +146,18 @@ def _group(header: pydicom.Dataset, result: dict, model: dict) -> hd.sr.Measurem
 
 
 def build_sr(source: pydicom.Dataset, result: dict, model: dict, *, series_instance_uid: str | None = None,
-             series_number: int = 9901, instance_number: int = 1) -> pydicom.Dataset:
+             sop_instance_uid: str | None = None, series_number: int = 9901,
+             instance_number: int = 1) -> pydicom.Dataset:
     """A Comprehensive SR of one result, in the source's study (patient/study attributes copied from it),
-    in a new series, referencing the source in the evidence and in the content tree."""
+    in its own series, referencing the source in the evidence and in the content tree. UIDs not given are
+    random (serve.dicom.reports passes ones derived from the source and the model)."""
     header = _header(source)
     report = hd.sr.MeasurementReport(observation_context=_observer(model), procedure_reported=codes.SCT.ChestImaging,
                                      imaging_measurements=[_group(header, result, model)])
     return hd.sr.ComprehensiveSR(
         evidence=[header], content=report[0], series_instance_uid=series_instance_uid or generate_uid(),
-        series_number=series_number, sop_instance_uid=generate_uid(), instance_number=instance_number,
-        manufacturer=model.get("manufacturer") or "xray-edge", is_complete=True, is_final=False, is_verified=False,
+        series_number=series_number, sop_instance_uid=sop_instance_uid or generate_uid(),
+        instance_number=instance_number, manufacturer=model.get("manufacturer") or "xray-edge", is_complete=True, is_final=False, is_verified=False,
         institution_name=source.get("InstitutionName") or None, series_description=SERIES_DESCRIPTION,
         manufacturer_model_name=model.get("name") or None, software_versions=model.get("version") or None,
         coding_schemes=[CodingSchemeIdentificationItem(
@@ -164,7 +166,8 @@ def build_sr(source: pydicom.Dataset, result: dict, model: dict, *, series_insta
 
 
 def build_heatmap_sc(source: pydicom.Dataset, rgb: np.ndarray, *, series_instance_uid: str | None = None,
-                     series_number: int = 9902, instance_number: int = 1) -> pydicom.Dataset:
+                     sop_instance_uid: str | None = None, series_number: int = 9902,
+                     instance_number: int = 1) -> pydicom.Dataset:
     """An RGB Secondary Capture (HxWx3 uint8) in the source's study that names the source as its origin.
     highdicom requires the PATIENT coordinate system with a patient orientation: the source's is used (the
     overlay is drawn on the source as displayed); when the source has none it is left empty (Type 2)."""
@@ -179,8 +182,8 @@ def build_heatmap_sc(source: pydicom.Dataset, rgb: np.ndarray, *, series_instanc
         sc = hd.sc.SCImage.from_ref_dataset(
             ref_dataset=header, pixel_array=rgb, photometric_interpretation="RGB", bits_allocated=8,
             coordinate_system="PATIENT", series_instance_uid=series_instance_uid or generate_uid(),
-            series_number=series_number, sop_instance_uid=generate_uid(), instance_number=instance_number,
-            manufacturer="xray-edge", patient_orientation=tuple(orientation) if known else ("L", "F"),
+            series_number=series_number, sop_instance_uid=sop_instance_uid or generate_uid(),
+            instance_number=instance_number, manufacturer="xray-edge", patient_orientation=tuple(orientation) if known else ("L", "F"),
             series_description=HEATMAP_DESCRIPTION, transfer_syntax_uid=ExplicitVRLittleEndian)
     if not known:
         sc.PatientOrientation = None

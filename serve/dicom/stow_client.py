@@ -1,12 +1,14 @@
-"""The DICOMweb transport of the Sender: a STOW-RS POST (PS3.18 10.5) of one result, the SR and its heatmap SC as
-the parts of one multipart/related request, to ROOT/studies. Standard library only: the edge install gains no
-dependency for it.
+"""The DICOMweb transport of the Sender: a STOW-RS POST (PS3.18 10.5) of one result, the objects still to deliver
+(the SR and its heatmap SC) as the parts of one multipart/related request, to ROOT/studies. Standard library only:
+the edge install gains no dependency for it.
 
-What an answer means for the result (the same terminal events as DIMSE):
-- 200, or any answer whose ReferencedSOPSequence (0008,1199) lists the SR: sent; what else failed is named in a
-  `warning` (202 "some stored" with the heatmap refused still delivers the report);
-- 400, 409, 413, 415, 422, other 4xx and a 2xx without the SR: refused, with the archive's FailureReason
-  (0008,1197) codes or its message, shortened; a FailureReason 0xA7xx (out of resources) on the SR: retry;
+What an answer means for each object (the same terminal events as DIMSE, one per object):
+- 200 (all stored), or the object in the ReferencedSOPSequence (0008,1199): sent (a WarningReason is named in a
+  `warning`); in the FailedSOPSequence with FailureReason 0x0111 / 45070 ("already stored"): sent, with
+  `already_stored`; with 0xA7xx (out of resources): retry; with any other reason: refused;
+- 202, 400, 409, 413, 415, 422, other 4xx, and the object in neither sequence: refused, with the archive's
+  FailureReason (0008,1197) codes or its message, shortened (Orthanc answers 400 yet stores the good parts:
+  those are listed, so they count as sent);
 - 5xx, 408, 429, 401 (the credentials file is read again on the next try), 403 and 404 (the URL or the
   permissions of the whole destination are wrong, not this report: fixing them delivers what waits), a
   redirect, no connection, a timeout: retry, honouring Retry-After.
@@ -132,52 +134,48 @@ def retry_after_s(value: str | None) -> float | None:
 
 
 # ---------------------------------------------------------------------------------------------------- the decision
-def decide(http_status: int, answer: StowAnswer, entry: Entry, where: str, retry_after: float | None = None) -> Outcome:
-    """What one STOW-RS answer means for the result (see the module's docstring)."""
+def decide(http_status: int, answer: StowAnswer, objects: list[dict], where: str,
+           retry_after: float | None = None) -> list[Outcome]:
+    """What one STOW-RS answer means for each object of the request, in order (see the module's docstring)."""
     head = f"HTTP {http_status}{_phrase(http_status)} from {where}"
     if http_status in TRANSIENT or http_status >= 500 or 300 <= http_status < 400:
         why = {401: ": the credentials were not accepted (read again on the next try)",
                403: ": this destination refuses these credentials (check their permissions)",
                404: ": no DICOMweb service at this URL (check the root of --send-to)",
                }.get(http_status, ": redirected (give --send-to the final URL)" if http_status < 400 else "")
-        return Outcome.retry(f"{head}{why}{_detail(answer)}", retry_after, http_status=http_status)
-    sr = entry.sr_uid
-    if sr in answer.failed and answer.failed[sr] not in ALREADY_STORED:
-        code = answer.failed[sr]
-        reason = f"{head}: the SR failed ({_code(code)})"
+        retry = Outcome.retry(f"{head}{why}{_detail(answer, objects)}", retry_after, http_status=http_status)
+        return [retry for _ in objects]
+    all_stored = 200 <= http_status < 300 and http_status != 202  # 202: "some failed" (PS3.18 10.5.3.1)
+    return [_one(http_status, head, answer, obj, objects, all_stored, retry_after) for obj in objects]
+
+
+def _one(http_status: int, head: str, answer: StowAnswer, obj: dict, objects: list[dict], all_stored: bool,
+         retry_after: float | None) -> Outcome:
+    uid, name = obj["sop_instance_uid"], obj["file"]
+    if uid in answer.failed:
+        code = answer.failed[uid]
+        if code in ALREADY_STORED:  # it is there (a resend after a crash, a re-pushed study): delivered
+            return Outcome.sent(http_status=http_status, already_stored=True)
+        reason = f"{head}: {name} failed ({_code(code)})"
         if code is not None and code >> 8 == 0xA7:
             return Outcome.retry(reason, retry_after, http_status=http_status)
         return Outcome.refused(reason, http_status=http_status)
-    all_stored = 200 <= http_status < 300 and http_status != 202  # 202: "some failed" (PS3.18 10.5.3.1)
-    if sr in answer.stored or sr in answer.failed or all_stored:
-        problems = _not_stored(answer, entry, trust_missing=all_stored)
-        return Outcome.sent(http_status=http_status, **({"warning": f"{head}: {problems}"} if problems else {}))
+    if uid in answer.stored:
+        warned = answer.stored[uid]
+        return Outcome.sent(http_status=http_status,
+                            **({"warning": f"{head}: {name} stored with warning {_code(warned)}"} if warned else {}))
+    if all_stored:
+        return Outcome.sent(http_status=http_status)
     if http_status < 300:
-        return Outcome.refused(f"{head}: the SR is not among the stored instances{_detail(answer, entry)}",
+        return Outcome.refused(f"{head}: {name} is not among the stored instances{_detail(answer, objects)}",
                                http_status=http_status)
-    return Outcome.refused(f"{head}{_detail(answer, entry)}", http_status=http_status)
+    return Outcome.refused(f"{head}{_detail(answer, objects)}", http_status=http_status)
 
 
-def _not_stored(answer: StowAnswer, entry: Entry, trust_missing: bool) -> str:
-    """The objects of the result the archive did not store, or stored with a warning, for sr_sent's warning."""
-    notes = []
-    for obj in entry.objects:
-        uid, name = obj["sop_instance_uid"], obj["file"]
-        if uid in answer.failed and answer.failed[uid] not in ALREADY_STORED:
-            notes.append(f"{name} not stored ({_code(answer.failed[uid])})")
-        elif uid in answer.failed:
-            notes.append(f"{name} already stored")
-        elif answer.stored.get(uid) is not None:
-            notes.append(f"{name} stored with warning {_code(answer.stored[uid])}")
-        elif uid not in answer.stored and not trust_missing:
-            notes.append(f"{name} not stored (not in the answer)")
-    return "; ".join(notes)
-
-
-def _detail(answer: StowAnswer, entry: Entry | None = None) -> str:
+def _detail(answer: StowAnswer, objects: list[dict] | None = None) -> str:
     """The archive's reasons: FailureReason per object (our file's name where the UID is ours), else its text."""
     if answer.failed:
-        names = {o["sop_instance_uid"]: o["file"] for o in entry.objects} if entry else {}
+        names = {o["sop_instance_uid"]: o["file"] for o in objects or []}
         return ": " + ", ".join(f"{names.get(uid, uid)}: {_code(code)}" for uid, code in list(answer.failed.items())[:3])
     return f": {answer.text}" if answer.text else ""
 
@@ -256,14 +254,18 @@ class StowTransport:
     def close(self):
         pass
 
-    def send(self, entry: Entry) -> Outcome:
-        body, content_type = multipart_related([(entry.path / o["file"]).read_bytes() for o in entry.objects])
+    def send(self, entry: Entry, objects: list[dict]) -> list[tuple[dict, Outcome]]:
+        """One request with the objects still to deliver; an outcome for each."""
+        return list(zip(objects, self._post(entry, objects)))
+
+    def _post(self, entry: Entry, objects: list[dict]) -> list[Outcome]:
+        body, content_type = multipart_related([(entry.path / o["file"]).read_bytes() for o in objects])
         headers = {"Content-Type": content_type, "Accept": "application/dicom+json", "User-Agent": "xray-edge"}
         if self.credentials is not None:
             try:
                 headers["Authorization"] = authorization_header(self.credentials)
             except CredentialsError as e:
-                return Outcome.retry(str(e))
+                return [Outcome.retry(str(e))] * len(objects)
         request = urllib.request.Request(self.destination.stow_url, data=body, headers=headers, method="POST")
         try:
             with self.opener.open(request, timeout=self.connect_timeout_s) as response:
@@ -271,10 +273,10 @@ class StowTransport:
         except urllib.error.HTTPError as e:  # an answer all the same: 3xx, 4xx, 5xx
             status, raw, after = e.code, _read(e), retry_after_s(e.headers.get("Retry-After"))
         except urllib.error.URLError as e:
-            return Outcome.retry(f"cannot reach {self.where}: {_reason(e.reason)}")
+            return [Outcome.retry(f"cannot reach {self.where}: {_reason(e.reason)}")] * len(objects)
         except (OSError, http.client.HTTPException) as e:  # a timeout or a dropped connection mid-answer
-            return Outcome.retry(f"no answer from {self.where}: {_reason(e)}")
-        return decide(status, parse_answer(raw), entry, self.where, after)
+            return [Outcome.retry(f"no answer from {self.where}: {_reason(e)}")] * len(objects)
+        return decide(status, parse_answer(raw), objects, self.where, after)
 
 
 def _read(error: urllib.error.HTTPError) -> bytes:

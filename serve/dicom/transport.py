@@ -2,8 +2,9 @@
 back-off and the results.jsonl events exist once whatever the wire.
 
 A transport has `where` (the destination as logs show it, never a secret) and three calls per round:
-`open_round() -> Outcome | None` (None: ready; an Outcome: RETRY, the round ends), `send(entry) -> Outcome` for
-each result oldest first, and `close()` after the round, whatever happened.
+`open_round() -> Outcome | None` (None: ready; an Outcome: RETRY, the round ends), `send(entry, objects) ->
+[(object, Outcome)]` for each result oldest first with the objects it still has to deliver (an outcome per object
+tried, in order; DIMSE stops after a RETRY), and `close()` after the round, whatever happened.
 """
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ SENT, RETRY, REFUSED = "sent", "retry", "refused"
 
 @dataclass
 class Outcome:
-    """kind: SENT (the SR is stored), RETRY (may pass: the round ends, back-off), REFUSED (permanent: set aside).
+    """kind: SENT (the object is stored), RETRY (may pass: the round ends, back-off), REFUSED (permanent: set aside).
     reason: one line for the log and results.jsonl (RETRY, REFUSED). fields: what the results line and a refused
-    result's status.json carry besides (statuses, status, http_status, warning). retry_after_s: the
+    result's status.json carry besides (status, http_status, warning, already_stored). retry_after_s: the
     destination asked to wait this long (HTTP Retry-After)."""
 
     kind: str
