@@ -252,3 +252,26 @@ def test_sighup_reopens_results_jsonl_after_logrotate_moved_it(tiny_onnx, tmp_pa
     assert [r["sop_instance_uid"] for r in old if r["event"] == "instance"] == [str(pydicom.dcmread(first).SOPInstanceUID)]
     assert [r["sop_instance_uid"] for r in new if r["event"] == "instance"] == [str(pydicom.dcmread(second).SOPInstanceUID)]
     assert (out / "results.jsonl").stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.slow
+def test_out_of_memory_on_http_is_503_with_retry_after_not_an_image_error(tiny_onnx, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from xray.infer.model import open_model
+    from xray.serve.app import create_app
+    from xray.serve.settings import Settings
+
+    model, _ = open_model(str(tiny_onnx[0]), "fp32", 1, False)
+    app = create_app(model, Settings(decode_workers=1))
+    with TestClient(app) as client:
+        wait_until(lambda: client.get("/health/ready").status_code == 200, 60, what="warm-up")
+        def exhausted(*a, **kw):
+            raise MemoryError
+
+        monkeypatch.setattr(app.state.service, "_prepare", exhausted)  # decoding, on the decode pool
+        answer = client.post("/v1/predict", files={"file": ("film.png", _png_bytes(), "image/png")})
+        monkeypatch.undo()
+        assert answer.status_code == 503 and answer.headers["retry-after"] == "5", answer.text
+        assert "out of memory" in answer.json()["detail"]
+        assert client.post("/v1/predict", files={"file": ("film.png", _png_bytes(), "image/png")}).status_code == 200
