@@ -38,6 +38,14 @@ def test_a_part_without_headers_is_of_the_root_type_and_other_types_are_named():
     assert mixed[0].content_type == "application/dicom+json"
 
 
+def test_a_part_over_the_limit_comes_back_with_its_size_and_no_data():
+    small, big = b"\x00\xff" * 50, b"B" * 101
+    parts = parse_related(CT, related(small, big, b"", headers=""), max_part_bytes=100)
+    assert [(p.data, p.size) for p in parts] == [(small, 100), (None, 101), (b"", 0)]  # 100: at the limit, kept
+    assert [p.content_type for p in parts] == ["application/dicom"] * 3
+    assert [p.data for p in parse_related(CT, related(small, big))] == [small, big]  # no limit: all kept
+
+
 @pytest.mark.parametrize("content_type, body, status, words", [
     ("application/dicom", b"x", 415, "multipart/related"),
     ('multipart/related; type="application/dicom+json"; boundary=a', b"x", 415, "application/dicom parts only"),
@@ -89,7 +97,7 @@ class FakeNode:
         self.stow_bodies = 0
         from types import SimpleNamespace
 
-        self.settings = SimpleNamespace(max_associations=2)
+        self.settings = SimpleNamespace(max_associations=2, max_instance_mb=64.0)
 
     def busy(self):
         return self._busy
@@ -157,6 +165,39 @@ def test_parts_the_node_cannot_take_now_are_503_and_stored_ones_reach_receive_wh
     assert status == 200 and headers["content-type"] == "application/dicom+json"
     assert [(r[1] == data, r[2]["received_by"], r[2]["client"]) for r in node.received] == [(True, "STOW-RS",
                                                                                              "127.0.0.1")] * 2
+
+
+def test_a_part_over_max_instance_mb_is_refused_alone_and_the_others_stored(dx):
+    import json
+
+    data = dx.read_bytes()
+    node = FakeNode()
+    node.settings.max_instance_mb = (len(data) + 1) / 2**20  # the DX fits; a part one byte more does not
+    status, _, body = call_stow(node, related(data, data + b"\0\0", data))
+    assert status == 202
+    answer = json.loads(body)
+    assert len(answer["00081199"]["Value"]) == 2 and len(node.received) == 2
+    assert answer["00081198"]["Value"] == [{"00081197": {"vr": "US", "Value": [0x0110]}}]  # no UID: never read
+    assert [(r["status"], r["sop_instance_uid"]) for r in node.logged] == [("refused", "")]
+    assert "MB limit (--max-instance-mb): STOW-RS failure reason 0x0110" in node.logged[0]["reason"]
+
+
+def test_the_body_is_parsed_on_a_worker_thread_not_the_event_loop(dx, monkeypatch):
+    """Parsing a 64 MB body takes ~0.1 s: on the event loop, no other request would be served meanwhile."""
+    import threading
+
+    from xray.serve.dicom import stow_routes
+
+    threads = []
+
+    def recording(*args, **kwargs):
+        threads.append(threading.current_thread())
+        return parse_related(*args, **kwargs)
+
+    monkeypatch.setattr(stow_routes, "parse_related", recording)
+    assert call_stow(FakeNode(), related(dx.read_bytes()))[0] == 200  # asyncio.run: the loop on this thread
+    assert call_stow(FakeNode(), b"x", content_type="application/dicom")[0] == 415  # raised there, answered here
+    assert len(threads) == 2 and threading.current_thread() not in threads
 
 
 def test_dicomweb_alone_makes_a_node_without_a_dimse_port_and_allow_ae_needs_one():

@@ -21,7 +21,8 @@ class MultipartError(ValueError):
 @dataclass
 class Part:
     content_type: str  # lower case, without parameters
-    data: bytes
+    data: bytes | None  # None: larger than the caller's limit, not copied (size says how large)
+    size: int  # bytes of content
 
 
 def content_type_params(value: str) -> tuple[str, dict]:
@@ -32,8 +33,10 @@ def content_type_params(value: str) -> tuple[str, dict]:
     return m.get_content_type(), {k.lower(): collapse_rfc2231_value(v) for k, v in (m.get_params() or [])[1:]}
 
 
-def parse_related(content_type: str, body: bytes | bytearray, part_type: str = "application/dicom") -> list[Part]:
-    """The parts of a multipart/related body whose root type is part_type (415 for another type)."""
+def parse_related(content_type: str, body: bytes | bytearray, part_type: str = "application/dicom",
+                  max_part_bytes: int | None = None) -> list[Part]:
+    """The parts of a multipart/related body whose root type is part_type (415 for another type). A part of
+    more than max_part_bytes comes back without its data: refused on its own, it costs no copy."""
     try:
         kind, params = content_type_params(content_type or "")
     except Exception as e:  # a header the email parser chokes on is the client's error
@@ -57,7 +60,7 @@ def parse_related(content_type: str, body: bytes | bytearray, part_type: str = "
         end = _next_delimiter(body, delimiter, line_end) if line_end >= 0 else -1
         if end < 0:
             raise MultipartError("the body ends before its closing boundary (lines end in CRLF, RFC 2046)")
-        parts.append(_part(body, line_end + 2, end, part_type))
+        parts.append(_part(body, line_end + 2, end, part_type, max_part_bytes))
         pos = end + 2 + len(delimiter)
     if not parts:
         raise MultipartError("the body has no parts")
@@ -85,10 +88,10 @@ def _next_delimiter(body, delimiter: bytes, start: int) -> int:
     return -1
 
 
-def _part(body, start: int, end: int, default_type: str) -> Part:
+def _part(body, start: int, end: int, default_type: str, max_bytes: int | None) -> Part:
     """One part (body[start:end]): its header lines up to the first empty line, then its content, copied once."""
     if body.startswith(b"\r\n", start):  # no headers: the root type
-        return Part(default_type, bytes(body[start + 2:end]))
+        return _content(body, start + 2, end, default_type, max_bytes)
     head_end = body.find(b"\r\n\r\n", start, end)
     if head_end < 0:
         raise MultipartError("a part without the empty line that ends its headers")
@@ -98,4 +101,11 @@ def _part(body, start: int, end: int, default_type: str) -> Part:
         name, _, value = line.partition(":")
         if name.strip().lower() == "content-type":
             content_type = content_type_params(value.strip())[0]
-    return Part(content_type, bytes(body[head_end + 4:end]))
+    return _content(body, head_end + 4, end, content_type, max_bytes)
+
+
+def _content(body, start: int, end: int, content_type: str, max_bytes: int | None) -> Part:
+    if max_bytes is not None and end - start > max_bytes:
+        return Part(content_type, None, end - start)
+    with memoryview(body) as view:  # a bytearray's slice would be a second copy before bytes()
+        return Part(content_type, bytes(view[start:end]), end - start)

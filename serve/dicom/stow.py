@@ -22,6 +22,11 @@ from .multipart import Part
 # PS3.18 Table 10.6.3-3, FailureReason (0008,1197)
 PROCESSING_FAILURE, SOP_CLASS_NOT_SUPPORTED, OUT_OF_RESOURCES = 0x0110, 0x0122, 0xA700
 DOES_NOT_MATCH, CANNOT_UNDERSTAND, TRANSFER_SYNTAX_NOT_SUPPORTED = 0xA900, 0xC000, 0xC122
+# A part over --max-instance-mb: 0x0110, "did not store the Instance because of a general failure in processing
+# the operation". Not A7xx ("out of resources"): this node's answer for "not now" (503 when alone), and STOW-RS
+# clients, ours included (stow_client.decide), send A7xx again, while the part will never fit the limit. Not
+# Cxxx ("cannot understand certain Data Elements"): the instance may be valid; its elements were never read.
+TOO_LARGE = PROCESSING_FAILURE
 RETRY_AFTER_S = 5
 
 
@@ -44,6 +49,10 @@ def store_part(node, part: Part, study: str | None, client: str) -> Outcome:
     if part.content_type != "application/dicom":
         return _refuse(node, Outcome(None, None, CANNOT_UNDERSTAND, f"a part of type {part.content_type}: "
                                                                     "only application/dicom is taken"), ids)
+    if part.data is None:  # over the limit: not copied out of the body, so not read either (no UIDs)
+        limit = node.settings.max_instance_mb
+        return _refuse(node, Outcome(None, None, TOO_LARGE, f"instance of {part.size / 2**20:.1f} MB, larger than "
+                                                             f"the {limit:g} MB limit (--max-instance-mb)"), ids)
     try:
         header, deflated = read_dicom_header(io.BytesIO(part.data), "part")
     except ImageError as e:
