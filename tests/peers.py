@@ -75,11 +75,15 @@ class Orthanc:
         self.session = requests.Session()
 
     def start(self) -> "Orthanc":
+        """Start Orthanc (again, after stop(): the same ports, storage and index, the log goes on)."""
+        again = self.proc is not None
+        if again:
+            self.session = requests.Session()  # stop() closed the last one
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / "orthanc.json"
         path.write_text(json.dumps(self.config, indent=2))
         self.log_path = self.folder / "orthanc.log"
-        with open(self.log_path, "w") as log:
+        with open(self.log_path, "a" if again else "w") as log:
             self.proc = subprocess.Popen([ORTHANC, str(path)], stdout=log, stderr=subprocess.STDOUT, cwd=self.folder)
         deadline = time.monotonic() + self.ready_timeout
         while time.monotonic() < deadline:
@@ -98,6 +102,17 @@ class Orthanc:
         if self.proc is not None:
             _stop_process(self.proc)
         self.session.close()
+
+    def restart(self, down_s: float = 0.0) -> "Orthanc":
+        """An outage: SIGTERM, down_s seconds away, started again on the same ports and storage (DicomModalities
+        given to the constructor survive it; those added with add_modality are kept in memory only)."""
+        self.stop()
+        time.sleep(down_s)
+        return self.start()
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
     def log(self) -> str:
         try:

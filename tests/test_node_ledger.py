@@ -275,3 +275,15 @@ def test_out_of_memory_on_http_is_503_with_retry_after_not_an_image_error(tiny_o
         assert answer.status_code == 503 and answer.headers["retry-after"] == "5", answer.text
         assert "out of memory" in answer.json()["detail"]
         assert client.post("/v1/predict", files={"file": ("film.png", _png_bytes(), "image/png")}).status_code == 200
+
+
+def test_a_kill_while_a_delivered_result_is_removed_leaves_nothing_unreadable(tmp_path):
+    """The folder of a delivered result is renamed to .gone- before it is deleted file by file: a kill in between
+    leaves a folder the next start sweeps, never an entry without its result.json (reported forever)."""
+    from xray.serve.dicom.outbox import Outbox
+
+    gone = tmp_path / "outbox" / ".gone-0000000000001-deadbeef"
+    gone.mkdir(parents=True)
+    (gone / "object1.dcm").write_bytes(b"DICM half removed")
+    outbox = Outbox(tmp_path)
+    assert not gone.exists() and outbox.unreadable == [] and outbox.backlog() == 0

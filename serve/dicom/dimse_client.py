@@ -64,6 +64,8 @@ class DimseTransport:
         except ValueError as e:  # the PACS accepted no presentation context for this SOP class
             return Outcome.refused(f"{self.where} does not accept {name}: {e}", status=None)
         kind = outcome(status)
+        if status is None and self.assoc.is_established:
+            self.assoc.abort()  # the peer is gone or silent: a release would wait the ACSE timeout for nothing
         if kind == RETRY:
             return Outcome.retry(f"C-STORE of {name}: {'no answer' if status is None else f'status 0x{status:04X}'}")
         if kind == REFUSED:

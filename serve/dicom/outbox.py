@@ -84,6 +84,8 @@ class Outbox:
         self.unreadable: list[Path] = []  # folders without a readable result.json: left alone, reported
         for leftover in self.pending_dir.glob(".tmp-*"):  # a crash mid-write: never acknowledged, so resent
             shutil.rmtree(leftover, ignore_errors=True)
+        for leftover in self.pending_dir.glob(".gone-*"):  # a crash mid-removal: every object was delivered
+            shutil.rmtree(leftover, ignore_errors=True)
         for folder in sorted(p for p in self.pending_dir.iterdir() if p.is_dir()):
             entry = self._read(folder)
             if entry is None:
@@ -168,8 +170,11 @@ class Outbox:
         """Every object is done: all sent -> the folder goes; else it moves to refused/ (or expired/), with why."""
         self._forget(entry)
         states = set(entry.done.values())
-        if states <= {SENT}:
-            shutil.rmtree(entry.path, ignore_errors=True)
+        if states <= {SENT}:  # renamed first: a kill mid-removal leaves a .gone- folder, never a half entry
+            gone = entry.path.with_name(".gone-" + entry.name)
+            os.rename(entry.path, gone)
+            _sync_dir(self.pending_dir)
+            shutil.rmtree(gone, ignore_errors=True)
             return
         where = REFUSED if REFUSED in states else EXPIRED
         status = {o["file"]: json.loads((entry.path / (o["file"] + DONE_SUFFIX)).read_text(encoding="utf-8"))
