@@ -204,7 +204,9 @@ def test_reports_survive_a_pacs_outage_and_a_sigkill_mid_send_and_each_is_logged
             node.proc.wait(30)
             before = slow.counts()
     delivered_before = {r["sr_sop_instance_uid"] for r in events(out, "sr_sent")}
-    assert 1 <= len(delivered_before) < 6 and len(_pending(out)) == 6 - len(delivered_before), (delivered_before,)
+    assert 1 <= len(delivered_before) < 6, delivered_before
+    # a kill that lands after a line and before its folder goes leaves that folder (the restart reads the line)
+    assert 6 - len(delivered_before) <= len(_pending(out)) <= 7 - len(delivered_before), delivered_before
     with ScriptedPacs(port=pacs_port) as pacs, Server(*args):
         wait_until(lambda: all(_terminal(out, u) for u in uids), 30, what="6 terminal report events after the restart")
     counts = before + pacs.counts()
