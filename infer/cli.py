@@ -99,7 +99,7 @@ def main(inputs, model_path, precision, force_int8, fmt, top_k, output, threads,
             writer.row(Result(arg, error=message))
         stream = predict_files(model, paths, batch_size, cpu_count() if workers is None else workers, max_pixels,
                                cam=heatmaps is not None)
-        with progress(len(paths), quiet or len(paths) <= batch_size) as bar:
+        with progress(len(paths), quiet or len(paths) <= batch_size) as bar, out_of_memory_is_one_line(batch_size):
             for result in stream:
                 bar.update(1)
                 if result.error:
@@ -120,6 +120,17 @@ def main(inputs, model_path, precision, force_int8, fmt, top_k, output, threads,
                 click.echo(text, err=True, nl=False)  # stdout stays machine-readable
         writer.finish(metrics, text)
     sys.exit(EXIT_FAILURE if failed else EXIT_OK)
+
+
+@contextmanager
+def out_of_memory_is_one_line(batch_size: int):
+    """The machine ran out of memory (never an image's fault, so never a row's error): stop with one line that
+    says what to lower, not a traceback. The rows written so far stay written."""
+    try:
+        yield
+    except MemoryError:
+        raise XrayError(f"out of memory while decoding or running a batch: lower --batch-size ({batch_size}) "
+                        "or --workers", EXIT_FAILURE) from None
 
 
 class Heatmaps:

@@ -287,3 +287,24 @@ def test_a_kill_while_a_delivered_result_is_removed_leaves_nothing_unreadable(tm
     (gone / "object1.dcm").write_bytes(b"DICM half removed")
     outbox = Outbox(tmp_path)
     assert not gone.exists() and outbox.unreadable == [] and outbox.backlog() == 0
+
+
+def test_out_of_memory_in_xray_infer_is_one_line_not_a_row_saying_corrupt(tiny_onnx, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from xray.infer import predict
+    from xray.infer.cli import main
+
+    films = []
+    for i in range(3):
+        films.append(tmp_path / f"film{i}.png")
+        films[-1].write_bytes(_png_bytes())
+
+    def exhausted(*a, **kw):
+        raise MemoryError
+
+    monkeypatch.setattr(predict, "prepare_or_error", exhausted)
+    result = CliRunner().invoke(main, ["--model", str(tiny_onnx[0]), "-f", "jsonl", *map(str, films)])
+    assert result.exit_code == 1, result.output
+    assert "error: out of memory while decoding or running a batch: lower --batch-size" in result.output
+    assert "Traceback" not in result.output and "corrupt" not in result.output
