@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import re
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -35,12 +34,12 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
+sys.path[:0] = [str(ROOT / "scripts"), str(ROOT / "tests")]  # make_synthetic (the films), serving (xray-serve)
 from make_synthetic import Anatomy, render  # noqa: E402
+from serving import Server  # noqa: E402
 
 from xray.common.cpu import cpu_model  # noqa: E402
 
-SERVE = [sys.executable, "-c", "from xray.serve.cli import main; main(prog_name='xray-serve')"]
 DX = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
 WARMUP = 500  # associations before the baseline sample
 EVERY = 1000  # associations between samples
@@ -100,56 +99,21 @@ class Pacs:
         self.port = self.server.server_address[1]
 
 
-class Node:
-    """xray-serve with a DICOM node on free ports of 127.0.0.1, ready (model loaded and warmed up)."""
+class Node(Server):
+    """xray-serve (tests/serving.py's Server: free ports of 127.0.0.1, ready = model warmed up) with a DICOM node."""
 
     def __init__(self, model: str, tmp: Path, send_to: str | None):
-        self.log_path, self.results = tmp / "serve.log", tmp / "results"
-        self.log = open(self.log_path, "w")
-        args = ["--model", model, "--port", "0", "--dicom-port", "0", "--results", str(self.results),
-                "--max-associations", "8", *(["--send-to", send_to] if send_to else [])]
-        self.proc = subprocess.Popen([*SERVE, *args], stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            text = self.log_path.read_text()
-            dicom = re.search(r"DICOM node \S+ listening on 127\.0\.0\.1:(\d+)", text)
-            http = re.search(r"Uvicorn running on http://127\.0\.0\.1:(\d+)", text)
-            if dicom and http:
-                self.port, self.url = int(dicom.group(1)), f"http://127.0.0.1:{http.group(1)}"
-                break
-            if self.proc.poll() is not None:
-                raise SystemExit(f"xray-serve exited {self.proc.returncode}:\n{text[-2000:]}")
-            time.sleep(0.1)
-        else:
-            self.stop()
-            raise SystemExit(f"xray-serve did not start in 120 s:\n{self.log_path.read_text()[-2000:]}")
-        while self.ready()[0] != 200:
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                self.stop()
-                raise SystemExit(f"xray-serve never became ready:\n{self.log_path.read_text()[-2000:]}")
-            time.sleep(0.1)
-
-    def ready(self) -> tuple[int, dict]:
-        try:
-            r = requests.get(self.url + "/health/ready", timeout=10)
-            return r.status_code, r.json()
-        except requests.RequestException:
-            return 0, {}
+        self.results = tmp / "results"
+        super().__init__("--model", model, "--dicom-port", 0, "--results", self.results, "--max-associations", 8,
+                         *(["--send-to", send_to] if send_to else []), ready_timeout=120)
+        self.port = int(re.search(r"DICOM node \S+ listening on 127\.0\.0\.1:(\d+)", self.output()).group(1))
 
     def backlog(self) -> int | None:
         """Reports waiting in the outbox (None without --send-to)."""
-        return (self.ready()[1].get("outbox") or {}).get("backlog")
-
-    def stop(self, timeout: float = 60) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-        return self.proc.returncode
+        try:
+            return (requests.get(self.url + "/health/ready", timeout=10).json().get("outbox") or {}).get("backlog")
+        except requests.RequestException:
+            return None
 
 
 class Clients:
@@ -259,7 +223,10 @@ def main(model, associations, store_every, send_to, clients, limit_mb):
     marks = sorted({WARMUP, *range(EVERY, associations + 1, EVERY), associations})
     samples = []  # (associations, status, outbox backlog, seconds since the start)
     with tempfile.TemporaryDirectory(prefix="bench_node_memory_") as tmp:
-        node = Node(model, Path(tmp), f"PACS@127.0.0.1:{pacs.port}" if pacs else None)
+        try:
+            node = Node(model, Path(tmp), f"PACS@127.0.0.1:{pacs.port}" if pacs else None)
+        except AssertionError as e:  # did not start, or never became ready: the server's output says why
+            raise SystemExit(f"error: {e}") from None
         try:
             scu = Clients(node.port, store_every, datasets, clients)
             done, t0 = 0, time.perf_counter()
@@ -272,10 +239,10 @@ def main(model, associations, store_every, send_to, clients, limit_mb):
                         bar.close()
                         raise SystemExit(f"error: {len(scu.failures)} of {done} associations failed (over "
                                          f"{MAX_FAIL:.0%}): {scu.failures[:5]}\nnode log tail:\n"
-                                         f"{node.log_path.read_text()[-2000:]}")
+                                         f"{node.output()[-2000:]}")
                     if node.proc.poll() is not None:
                         raise SystemExit(f"error: xray-serve exited {node.proc.returncode} after {done} "
-                                         f"associations:\n{node.log_path.read_text()[-2000:]}")
+                                         f"associations:\n{node.output()[-2000:]}")
             elapsed = time.perf_counter() - t0
             rate = (associations - WARMUP) / (elapsed - samples[0][3])  # after the warm-up
             drain_t0, backlog = time.perf_counter(), node.backlog()
