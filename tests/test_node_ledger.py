@@ -94,6 +94,29 @@ def test_a_restart_marks_what_the_log_says_was_delivered_and_recovers_a_missing_
     assert len([e for e in events(tmp_path, "instance") if e.get("recovered")]) == 1
 
 
+def test_a_result_left_by_the_previous_version_is_sent_without_a_made_up_instance_line(tmp_path):
+    """Before #30 result.json had no record and no object kinds, and its instance line named no entry: the
+    upgraded node sends it (an SR) and writes no `recovered` line for it."""
+    from xray.serve.dicom.node import reconcile
+    from xray.serve.dicom.outbox import Outbox
+    from xray.serve.dicom.reports import build_reports
+    from xray.serve.dicom.results_log import ResultsLog
+
+    source = pydicom.dcmread(_dx(tmp_path, "old", 5))
+    folder = tmp_path / "outbox" / "0000000000001-0ld0ld00"
+    folder.mkdir(parents=True)
+    sr = build_reports(source, RECORD, MODEL, None)[0]
+    sr.save_as(folder / "sr.dcm", enforce_file_format=True)
+    (folder / "result.json").write_text(json.dumps({"created": time.time(), "source_uid": source.SOPInstanceUID,
+                                                    "objects": [{"file": "sr.dcm", "sop_instance_uid": sr.SOPInstanceUID,
+                                                                 "sop_class": sr.SOPClassUID}]}))
+    outbox, log = Outbox(tmp_path), ResultsLog(tmp_path)
+    reconcile(outbox, log)
+    log.close()
+    (entry,) = outbox.entries()
+    assert entry.pending() == entry.objects and entry.objects[0]["kind"] == "sr" and events(tmp_path, "instance") == []
+
+
 def test_out_of_memory_while_decoding_is_not_a_corrupt_image(monkeypatch):
     from PIL import Image
 
@@ -308,3 +331,40 @@ def test_out_of_memory_in_xray_infer_is_one_line_not_a_row_saying_corrupt(tiny_o
     assert result.exit_code == 1, result.output
     assert "error: out of memory while decoding or running a batch: lower --batch-size" in result.output
     assert "Traceback" not in result.output and "corrupt" not in result.output
+
+
+@pytest.mark.slow
+def test_bench_node_memory_runs_as_the_readme_shows(tiny_onnx):
+    """The README's command, shortened: the script starts a node, runs its associations, drains the outbox."""
+    import subprocess
+    import sys
+
+    bench = Path(__file__).resolve().parents[1] / "scripts" / "bench_node_memory.py"
+    proc = subprocess.run([sys.executable, bench, "--model", tiny_onnx[0], "--associations", "600"], capture_output=True,
+                          text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "60 C-STOREs and 540 C-ECHOs answered 0x0000, 0 associations failed" in proc.stdout
+    assert "the SCP received 60 reports" in proc.stdout and "(limit 20 MB): ok" in proc.stdout
+
+
+def test_a_line_cut_by_a_kill_stays_alone_and_the_next_start_writes_whole_lines(tmp_path):
+    from xray.serve.dicom.results_log import ResultsLog
+
+    (tmp_path / "results.jsonl").write_text('{"time": "2026-12-06T10:00:00.000+00:00", "event": "instance"}\n{"ti')
+    log = ResultsLog(tmp_path)
+    log.write("node_started")
+    log.close()
+    lines = (tmp_path / "results.jsonl").read_text().splitlines()
+    assert lines[1] == '{"ti' and json.loads(lines[2])["event"] == "node_started" and len(lines) == 3
+
+
+@pytest.mark.slow
+def test_the_outbox_keeps_no_patient_id_the_log_may_not_keep(in_process, tmp_path):
+    key = tmp_path / "key"
+    key.write_text("k" * 32)
+    node, port, out = in_process(free_port(), log_patient_id="hash", patient_id_key=key)  # the report waits
+    assert store(port, [_dx(tmp_path, "secretpatient", 40)]) == [0x0000]
+    (entry,) = node.outbox.entries()
+    saved = (entry.path / "result.json").read_text()
+    assert "SECRETPATIENT" not in saved and json.loads(saved)["record"]["patient_id_hmac"]
+    assert "SECRETPATIENT" not in (out / "results.jsonl").read_text()

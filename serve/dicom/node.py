@@ -344,7 +344,8 @@ class DicomNode:
             self.results.write("sr_not_built", sop_instance_uid=ids["sop_instance_uid"], reason=one_line(e))
             return STATUS_OK
         line = {"status": status, **ids, **fields, "model": self.model_fields}
-        entry = self.outbox.put(ids["sop_instance_uid"], objects, line)  # on disk before the acknowledgement
+        # on disk before the acknowledgement; its record as results.jsonl has it (--log-patient-id applied)
+        entry = self.outbox.put(ids["sop_instance_uid"], objects, self.results.patient_ids.apply(line))
         self.results.write("instance", **line, timing=timing, entry=entry.name, **entry.uids())
         self.sender.wake()
         return STATUS_OK
@@ -372,7 +373,7 @@ def reconcile(outbox: Outbox, results: ResultsLog):
                 log.info("outbox: %s %s was logged %s before the restart: not sent again", entry.name, kind, state)
                 outbox.mark(entry, obj, state, reason="recovered from results.jsonl")
     for name, entry in pending.items():
-        if name not in logged:
+        if name not in logged and entry.record:  # no record: written by a version whose lines named no entry
             results.write("instance", **entry.record, entry=name, **entry.uids(), recovered=True)
 
 

@@ -26,10 +26,11 @@ from pathlib import Path
 import pydicom
 
 from .results_log import private_dir
+from .transport import REFUSED, SENT
 
 RESULT_FILE = "result.json"
 DONE_SUFFIX = ".done"
-SENT, REFUSED, EXPIRED = "sent", "refused", "expired"  # an object's terminal states
+EXPIRED = "expired"  # an object's terminal states: the transport's SENT and REFUSED, or this
 
 
 @dataclass
@@ -79,7 +80,7 @@ class Outbox:
         self.pending_dir = private_dir(root / "outbox")
         self.refused_dir, self.expired_dir = root / "refused", root / "expired"
         self._lock = threading.Lock()
-        self._entries: list[Entry] = []
+        self._entries: dict[str, Entry] = {}  # by name, oldest first (forgetting one is O(1), not a scan)
         self._by_source: dict[str, Entry] = {}  # source SOP Instance UID -> its pending entry
         self.unreadable: list[Path] = []  # folders without a readable result.json: left alone, reported
         for leftover in self.pending_dir.glob(".tmp-*"):  # a crash mid-write: never acknowledged, so resent
@@ -131,7 +132,7 @@ class Outbox:
     def entries(self) -> list[Entry]:
         """Pending results, oldest first."""
         with self._lock:
-            return list(self._entries)
+            return list(self._entries.values())
 
     def pending_for(self, source_uid: str) -> Entry | None:
         """The result of this source instance still waiting to be delivered, if any."""
@@ -144,7 +145,7 @@ class Outbox:
 
     def oldest_age_s(self) -> float:
         with self._lock:
-            return round(time.time() - self._entries[0].created, 3) if self._entries else 0.0
+            return round(time.time() - next(iter(self._entries.values())).created, 3) if self._entries else 0.0
 
     def bookkeeping(self) -> dict:
         """The sizes of what the outbox holds in memory (a node's memory must not grow with its age)."""
@@ -191,13 +192,13 @@ class Outbox:
 
     def _add(self, entry: Entry):
         with self._lock:
-            self._entries.append(entry)
+            self._entries[entry.name] = entry
             if entry.source_uid:
                 self._by_source[entry.source_uid] = entry
 
     def _forget(self, entry: Entry):
         with self._lock:
-            self._entries = [e for e in self._entries if e.path != entry.path]
+            self._entries.pop(entry.name, None)
             if self._by_source.get(entry.source_uid) is entry:
                 del self._by_source[entry.source_uid]
 

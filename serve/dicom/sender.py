@@ -26,10 +26,9 @@ from pathlib import Path
 
 from .destination import DicomWebDestination
 from .dimse_client import DimseTransport
-from .outbox import EXPIRED, REFUSED, SENT, Entry, Outbox, object_fields
+from .outbox import EXPIRED, Entry, Outbox, object_fields
 from .stow_client import StowTransport
-from .transport import RETRY, Outcome
-from .transport import SENT as SENT_KIND
+from .transport import REFUSED, RETRY, Outcome
 
 log = logging.getLogger("xray.serve.dicom")
 PAUSE_ENV = "XRAY_TEST_PAUSE_AFTER_SEND_S"  # tests only: hold the sender between a delivery and its line
@@ -123,7 +122,7 @@ class Sender:
     # ------------------------------------------------------------------ terminal events
     def _terminal(self, entry: Entry, obj: dict, result: Outcome):
         """An object is delivered or refused: its line first (fsynced), then the outbox forgets it."""
-        state = SENT if result.kind == SENT_KIND else REFUSED
+        state = result.kind  # SENT or REFUSED: the object's terminal state in the outbox too
         _pause_for_tests(entry, obj)
         fields = {"entry": entry.name, "sop_instance_uid": entry.source_uid, **object_fields(obj),
                   "destination": self.where, "attempts": entry.attempts, **result.fields}
@@ -173,6 +172,6 @@ def _pause_for_tests(entry: Entry, obj: dict):
     object is in the archive and its line not yet written, the one moment a random SIGKILL cannot hit."""
     seconds = float(os.environ.get(PAUSE_ENV) or 0)
     if seconds > 0:
-        log.warning("test pause after send: %s %s of %s delivered, its line not yet written (%s)", entry.name,
+        log.warning("test pause after send: %s %s of %s answered, its line not yet written (%s)", entry.name,
                     obj["kind"], entry.source_uid, PAUSE_ENV)
         time.sleep(seconds)
