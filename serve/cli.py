@@ -6,6 +6,7 @@ import os
 import signal
 import sys
 import threading
+from pathlib import Path
 
 import click
 import uvicorn
@@ -14,6 +15,10 @@ from xray.common.errors import EXIT_FAILURE, EXIT_OK, XrayError, exit_on_user_er
 from xray.common.imageio import DEFAULT_MAX_PIXELS
 
 from .dicom.options import dicom_options, node_settings_from
+from .https import tls_config
+from .tls import ServerTls
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 KEY_ENV = "XRAY_API_KEY"
 EPILOG = """\b
@@ -29,8 +34,13 @@ DICOM node (--dicom-port): a Storage SCP for CR, DX and Secondary Capture on the
 instance is logged in --results DIR/results.jsonl; --send-to sends an SR per instance, by C-STORE to
 AE@HOST:PORT or by DICOMweb STOW-RS to dicomweb+https://HOST/ROOT (--send-credentials FILE for its token).
 \b
+TLS: --tls-cert/--tls-key serve HTTPS only (HSTS on); --tls-client-ca requires client certificates (but
+for /health/* from 127.0.0.1). --dicom-tls-cert/--dicom-tls-key make the DICOM port TLS-only,
+--dicom-tls-ca requires client certificates there; --send-tls-ca verifies the PACS. Private keys readable
+by other users are refused. --audit FILE: JSON lines of who did what (DICOM audit vocabulary), 0600.
+
 SIGTERM / Ctrl-C: stop accepting, finish the requests in flight, exit 0. SIGHUP: reopen --results
-DIR/results.jsonl (after logrotate moved it).
+DIR/results.jsonl and --audit FILE (after logrotate moved them) and re-read the TLS certificates and keys.
 """
 
 
@@ -47,6 +57,15 @@ DIR/results.jsonl (after logrotate moved it).
 @click.option("--api-key-file", type=click.Path(exists=True, dir_okay=False), metavar="FILE",
               help=f"Require this key (the file's first line) on every endpoint but /health/* and the page; "
                    f"${KEY_ENV} works too.")
+@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), metavar="FILE",
+              help="Serve HTTPS only (TLS 1.2+), with this PEM certificate (chain); needs --tls-key. Re-read on SIGHUP.")
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), metavar="FILE",
+              help="The PEM private key of --tls-cert (not readable by other users).")
+@click.option("--tls-client-ca", type=click.Path(exists=True, dir_okay=False), metavar="FILE",
+              help="Require a client certificate signed by this CA (PEM) on every path but /health/* from 127.0.0.1.")
+@click.option("--audit", "audit_path", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Append an audit trail here: JSON lines, 0600, one event per association, instance, report, "
+                   "API request and authentication failure (reopened on SIGHUP).")
 @click.option("--max-batch", type=click.IntRange(min=1), default=16, show_default=True,
               help="Most images per onnxruntime run.")
 @click.option("--max-delay-ms", type=click.FloatRange(min=0), default=0.0, show_default=True,
@@ -73,8 +92,9 @@ DIR/results.jsonl (after logrotate moved it).
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
 @exit_on_user_error
-def main(model_path, precision, force_int8, host, port, api_key_file, max_batch, max_delay_ms, max_queue, max_upload_mb,
-         read_timeout_s, max_files, max_pixels, threads, decode_workers, ood_action, allow_origins, log_level, **dicom):
+def main(model_path, precision, force_int8, host, port, api_key_file, tls_cert, tls_key, tls_client_ca, audit_path,
+         max_batch, max_delay_ms, max_queue, max_upload_mb, read_timeout_s, max_files, max_pixels, threads, decode_workers,
+         ood_action, allow_origins, log_level, **dicom):
     """Serve chest X-ray classification over HTTP: a JSON API, Prometheus metrics and a web page."""
     from xray.infer.model import cpu_count, open_model
 
@@ -84,6 +104,9 @@ def main(model_path, precision, force_int8, host, port, api_key_file, max_batch,
     if "*" in allow_origins:
         raise XrayError("--allow-origin '*' is refused: name the origins that may call the API")
     api_key = read_key(api_key_file)
+    https = http_tls(tls_cert, tls_key, tls_client_ca)
+    node_settings = node_settings_from(host, read_timeout_s=read_timeout_s, **dicom)
+    audit = open_audit(audit_path)
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s: %(message)s", stream=sys.stderr)
     model, choice = open_model(model_path, precision, threads, force_int8)
     log = logging.getLogger("xray.serve")
@@ -91,35 +114,95 @@ def main(model_path, precision, force_int8, host, port, api_key_file, max_batch,
     for note in (model.runtime_warning(), model.portability_note(), model.guard_note()):
         if note:
             log.warning(note)
-    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+    if host not in LOOPBACK and not api_key and not tls_client_ca:
         log.warning("serving on %s without an API key: anyone who can reach this port can use it", host)
+    if host not in LOOPBACK and https is None:
+        log.warning("serving HTTP on %s without TLS: images and the API key cross the network in clear "
+                    "(--tls-cert/--tls-key, or a TLS reverse proxy with --host 127.0.0.1)", host)
     settings = Settings(max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue=max_queue,
                         max_upload_mb=max_upload_mb, max_files=max_files, max_pixels=max_pixels,
                         decode_workers=decode_workers or cpu_count(), ood_action=ood_action, api_key=api_key,
-                        allow_origins=tuple(allow_origins), model_reason=choice.reason, read_timeout_s=read_timeout_s)
-    node_settings = node_settings_from(host, **dicom)
-    app = create_app(model, settings, node_settings)
-    if app.state.node is not None:
+                        allow_origins=tuple(allow_origins), model_reason=choice.reason, read_timeout_s=read_timeout_s,
+                        tls=https is not None, tls_client_ca=bool(tls_client_ca))
+    app = create_app(model, settings, node_settings, audit)
+    node = app.state.node
+    if node is not None:
         try:
-            app.state.node.start()
+            node.start()
         except OSError as e:
-            raise XrayError(f"DICOM node: could not listen on {host}:{dicom['dicom_port']} ({e.strerror or e})") from None
-        reopen_on_sighup(app.state.node.results)
+            raise XrayError(f"DICOM node: could not listen on {node.settings.host}:{dicom['dicom_port']} "
+                            f"({e.strerror or e})") from None
+    on_sighup(reopen=[audit] + ([node.results] if node else []),
+              reload=[t for t in (https, node.settings.tls if node else None) if t is not None])
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=log_level == "debug",
                             limit_concurrency=max(256, 4 * max_queue), timeout_graceful_shutdown=30,
-                            timeout_keep_alive=5, server_header=False)
+                            timeout_keep_alive=5, server_header=False, **(tls_config(https) if https else {}))
+    audit.started(settings=effective_settings(host, port, https, tls_client_ca, api_key, node, model, settings))
     server = GracefulServer(config)
-    server.run()
+    try:
+        server.run()
+    finally:
+        audit.stopped(reason="failed" if app.state.failed or not server.started else "shutdown")
+        audit.close()
     if not server.started:
         raise XrayError(f"could not listen on {host}:{port} (in use, or not an address of this machine)")
     sys.exit(EXIT_FAILURE if app.state.failed else EXIT_OK)  # the failure's line is logged already
 
 
-def reopen_on_sighup(results):
-    """SIGHUP (logrotate's postrotate): continue in a new results.jsonl. The reopen takes the log's lock, so it
-    runs on a thread of its own, never inside the handler (which may interrupt a write holding that lock)."""
+def http_tls(cert, key, client_ca):
+    """--tls-cert/--tls-key/--tls-client-ca: HTTPS's context, its files checked now."""
+    if not cert and not key:
+        if client_ca:
+            raise XrayError("--tls-client-ca needs --tls-cert and --tls-key (HTTPS)")
+        return None
+    if not (cert and key):
+        raise XrayError("--tls-cert and --tls-key go together")
+    return ServerTls(Path(cert), Path(key), Path(client_ca) if client_ca else None, client_optional=True, option="--tls")
+
+
+def open_audit(path):
+    from .audit import AuditLog
+
+    try:
+        return AuditLog(Path(path) if path else None)
+    except OSError as e:
+        raise XrayError(f"--audit {path}: {e.strerror or e}") from None
+
+
+def effective_settings(host, port, https, client_ca, api_key, node, model, settings) -> dict:
+    """What the start event records: what this node exposes and how it is guarded (no secret, only facts)."""
+    out = {"http": f"{'https' if https else 'http'}://{host}:{port}", "http_client_certificates": bool(client_ca),
+           "api_key": bool(api_key), "allow_origins": list(settings.allow_origins), "model": str(model.path),
+           "precision": model.info.precision}
+    if node is not None:
+        s = node.settings
+        out.update(dicom=f"{s.host}:{s.port}" if s.port is not None else None, dicom_tls=s.tls is not None,
+                   dicom_client_certificates=bool(s.tls and s.tls.ca), dicomweb=s.dicomweb, ae_title=s.ae_title,
+                   allow_ae=list(s.allow_ae), ae_certificates=dict(s.ae_certificates),
+                   send_to=node.sender.where if node.sender else None, send_tls=s.send_tls is not None,
+                   log_patient_id=s.log_patient_id)
+    return out
+
+
+def on_sighup(reopen: list, reload: list):
+    """SIGHUP (logrotate's postrotate, a certificate renewal): continue in new log files and re-read the TLS
+    files. The reopen takes each log's lock, so it runs on a thread of its own, never inside the handler (which
+    may interrupt a write holding that lock). A TLS file that cannot be read is one error line; the port keeps
+    the certificate it had."""
+    log = logging.getLogger("xray.serve")
+
+    def work():
+        for target in reopen:
+            target.reopen()
+        for tls in reload:
+            try:
+                tls.reload()
+                log.info("SIGHUP: %s-cert %s re-read", tls.option, tls.cert)
+            except XrayError as e:
+                log.error("SIGHUP: %s (keeping the certificate loaded before)", e)
+
     def handler(signum, frame):
-        threading.Thread(target=results.reopen, name="xray-log-reopen", daemon=True).start()
+        threading.Thread(target=work, name="xray-sighup", daemon=True).start()
 
     signal.signal(signal.SIGHUP, handler)
 

@@ -20,6 +20,8 @@ class Settings:
     api_key: str | None = None  # every endpoint but /health/* and the page needs it when set
     allow_origins: tuple[str, ...] = field(default_factory=tuple)  # CORS: explicit origins only, never "*"
     model_reason: str | None = None  # why this model file (int8 vs fp32 on this CPU)
+    tls: bool = False  # served over HTTPS (--tls-cert): responses carry HSTS
+    tls_client_ca: bool = False  # --tls-client-ca: every path but /health/* from loopback needs a client certificate
 
     @property
     def max_upload_bytes(self) -> int:

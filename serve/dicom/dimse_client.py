@@ -7,6 +7,11 @@ not match the SOP class, 0xCxxx cannot understand, 0x0122 SOP class not supporte
 """
 from __future__ import annotations
 
+import logging
+from contextlib import contextmanager
+from pathlib import Path
+from typing import NamedTuple
+
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import ComprehensiveSRStorage, SecondaryCaptureImageStorage
@@ -16,6 +21,14 @@ from .outbox import Entry
 from .transport import REFUSED, RETRY, SENT, Outcome
 
 DUPLICATE = 0x0111
+
+
+class SendTls(NamedTuple):
+    """--send-tls-ca/-cert/-key: read again for every round (a renewed certificate needs no restart)."""
+
+    ca: Path | None
+    cert: Path | None
+    key: Path | None
 
 
 def outcome(status: int | None) -> str:
@@ -30,8 +43,9 @@ def outcome(status: int | None) -> str:
 
 
 class DimseTransport:
-    def __init__(self, destination: Destination, ae_title: str, timeout_s: float = 30.0):
-        self.destination, self.where = destination, destination.where
+    def __init__(self, destination: Destination, ae_title: str, timeout_s: float = 30.0, tls: SendTls | None = None):
+        self.destination, self.tls = destination, tls
+        self.where = destination.where + (" (TLS)" if tls else "")
         self.ae = AE(ae_title=ae_title)
         for sop_class in (ComprehensiveSRStorage, SecondaryCaptureImageStorage):
             self.ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
@@ -42,9 +56,20 @@ class DimseTransport:
 
     def open_round(self) -> Outcome | None:
         d = self.destination
-        self.assoc = self.ae.associate(d.host, d.port, ae_title=d.ae_title)
+        tls_args = None
+        if self.tls is not None:
+            from xray.common.errors import XrayError
+            from xray.serve.tls import client_context
+
+            try:  # verified, with the host name or IP checked: never a fall back to plain
+                tls_args = (client_context(*self.tls, option="--send-tls"), d.host)
+            except XrayError as e:
+                return Outcome.retry(f"TLS files: {e}")
+        with connect_errors() as errors:
+            self.assoc = self.ae.associate(d.host, d.port, ae_title=d.ae_title, tls_args=tls_args)
         if not self.assoc.is_established:
-            return Outcome.retry(f"no association with {self.where} (refused, unreachable or timed out)")
+            why = f": {errors[-1]}" if errors else " (refused, unreachable or timed out)"
+            return Outcome.retry(f"no association with {self.where}{why}")
         return None
 
     def send(self, entry: Entry, objects: list[dict]) -> list[tuple[dict, Outcome]]:
@@ -76,3 +101,37 @@ class DimseTransport:
         if self.assoc is not None and self.assoc.is_established:
             self.assoc.release()
         self.assoc = None
+
+
+class _ConnectErrors(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.ERROR)
+        self.errors: list[str] = []
+
+    def emit(self, record):
+        message = record.getMessage()
+        if message.startswith("TCP Initialisation Error:"):
+            self.errors.append(_tls_words(message.partition(":")[2].strip()))
+
+
+@contextmanager
+def connect_errors():
+    """Why pynetdicom could not connect (a refused certificate, a reset): it only logs that, on its DUL thread.
+    The sender is this process's only association requestor, so the lines logged while it associates are its own."""
+    handler = _ConnectErrors()
+    logger = logging.getLogger("pynetdicom.transport")
+    logger.addHandler(handler)
+    try:
+        yield handler.errors
+    finally:
+        logger.removeHandler(handler)
+
+
+def _tls_words(message: str) -> str:
+    """'[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: ... (_ssl.c:1000)' -> a line that says what."""
+    if "CERTIFICATE_VERIFY_FAILED" in message or "certificate verify failed" in message:
+        detail = message.split("certificate verify failed:", 1)[-1].split("(_ssl.c", 1)[0].strip(" :")
+        return f"TLS: the destination's certificate was refused ({detail}): check --send-tls-ca and the host name"
+    if message.startswith("[SSL") or "SSL" in message.split(" ", 1)[0]:
+        return f"TLS: {message.split('(_ssl.c', 1)[0].strip()}"
+    return message

@@ -34,9 +34,13 @@ from pynetdicom.sop_class import (ComputedRadiographyImageStorage, DigitalXRayIm
                                   Verification)
 
 from xray.common.errors import one_line
+from xray.serve.audit import AuditLog
+from xray.serve.tls import ServerTls, common_name, subject
 
 from . import pdu_limit
+from . import tls_server
 from .destination import Destination, DicomWebDestination
+from .dimse_client import SendTls
 from .outbox import Outbox
 from .reports import build_reports, model_identity
 from .results_log import PatientIdPolicy, ResultsLog, lines_since
@@ -91,11 +95,16 @@ class NodeSettings:
     log_patient_id: str = "keep"  # keep | hash | omit, in results.jsonl
     patient_id_key: Path | None = None  # the HMAC key file for log_patient_id="hash"
     drain_s: float = 10.0  # on shutdown, associations in progress get this long to finish
+    tls: ServerTls | None = None  # --dicom-tls-cert/-key/-ca: the DICOM port speaks TLS only
+    handshake_timeout_s: float = 30.0  # a TLS handshake that stalls is dropped after this (--read-timeout-s)
+    ae_certificates: tuple[tuple[str, str], ...] = ()  # --allow-ae AE=CN: that AE title needs a certificate of CN
+    send_tls: SendTls | None = None  # --send-tls-ca/-cert/-key: reports go over TLS (DIMSE) or verified so (STOW-RS)
 
 
 class DicomNode:
-    def __init__(self, service, settings: NodeSettings):
+    def __init__(self, service, settings: NodeSettings, audit: AuditLog | None = None):
         self.service, self.settings = service, settings
+        self.audit = audit or AuditLog(None)
         self.results = ResultsLog(settings.results_dir, PatientIdPolicy(settings.log_patient_id, settings.patient_id_key))
         info = service.model.info
         self.model_fields = {"name": info.model_name, "precision": info.precision, "file": service.model.path.name,
@@ -104,7 +113,8 @@ class DicomNode:
         self.outbox = Outbox(settings.results_dir) if settings.send_to else None
         self.sender = Sender(settings.send_to, self.outbox, self.results, settings.ae_title,
                              settings.send_backoff_max_s, settings.send_max_age_h * 3600,
-                             credentials=settings.send_credentials) if settings.send_to else None
+                             credentials=settings.send_credentials, tls=settings.send_tls,
+                             audit=self.audit) if settings.send_to else None
         if self.outbox is not None:
             service.metrics.outbox_backlog.set_function(self.outbox.backlog)
             service.metrics.outbox_oldest.set_function(self.outbox.oldest_age_s)
@@ -153,12 +163,16 @@ class DicomNode:
         ae.add_supported_context(Verification)
         handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_ACCEPTED, self._on_accepted),
                     (evt.EVT_REJECTED, self._on_rejected), (evt.EVT_DATA_RECV, self._on_data),
-                    (evt.EVT_CONN_CLOSE, self._on_closed)]
-        self._server = ae.start_server((s.host, s.port), block=False, evt_handlers=handlers)
+                    (evt.EVT_CONN_CLOSE, self._on_closed), (evt.EVT_REQUESTED, self._on_requested)]
+        self._server = tls_server.serve(ae, (s.host, s.port), s.tls, s.handshake_timeout_s, self._on_handshake_failed,
+                                        handlers)
         self._listening = True
         if s.host not in LOOPBACK and not s.allow_ae:
             log.warning("DICOM node on %s accepts any calling AE title: name the modalities and PACS with "
                         "--allow-ae AE (repeatable)", s.host)
+        if s.host not in LOOPBACK and s.tls is None:
+            log.warning("DICOM node on %s without TLS: images, patient names and reports cross the network in clear "
+                        "(--dicom-tls-cert/--dicom-tls-key)", s.host)
         return self._server.server_address[1]
 
     def stop_listening(self):
@@ -193,7 +207,34 @@ class DicomNode:
                 "destination": self.sender.where}
 
     # ------------------------------------------------------------------ association events
+    def _on_handshake_failed(self, address, reason: str):
+        """A TLS handshake on the DICOM port failed (the connection's thread; the node goes on serving)."""
+        peer = address[0] if address else ""
+        log.warning("DICOM TLS: connection from %s refused: %s", peer, reason)
+        self.results.write("tls_refused", peer=peer, reason=reason)
+        self.audit.tls_failed(peer=peer, port_kind="dicom", reason=reason)
+
+    def _on_requested(self, event):
+        """--allow-ae AE=CN: the certificate vouches for the AE title it calls with (A-ASSOCIATE-RJ otherwise)."""
+        pairs = dict(self.settings.ae_certificates)
+        calling = _calling_requested(event)
+        if calling not in pairs:
+            return
+        cert = _peercert(event.assoc)
+        name = common_name(cert)
+        if name == pairs[calling]:
+            return
+        reason = (f"calling AE title {calling!r} needs a client certificate with CN={pairs[calling]} (--allow-ae); "
+                  f"{'its CN is ' + repr(name) if name else 'none was presented'}")
+        self._refuse_association(event, reason)
+        event.assoc.acse.send_reject(0x01, 0x01, 0x03)  # rejected-permanent, service user: calling AE not recognised
+        event.assoc.kill()
+
     def _on_accepted(self, event):
+        assoc = event.assoc
+        calling, called = _calling(event), str(getattr(assoc.acceptor, "ae_title", "") or "").strip()
+        self.audit.association(peer=_peer(assoc), calling_ae=calling, called_ae=called,
+                               tls_subject=subject(_peercert(assoc)) if self.settings.tls else None, accepted=True)
         refused = [str(cx.abstract_syntax) for cx in event.assoc.rejected_contexts]
         if refused:
             names = sorted({UID(u).name for u in refused})
@@ -211,7 +252,17 @@ class DicomNode:
             reason = f"called AE title {called!r} is not this node's ({s.ae_title!r}, --ae-title)"
         else:
             reason = f"{s.max_associations} associations already open (--max-associations)"
-        self.results.write("association_rejected", calling_ae=calling, called_ae=called, reason=reason)
+        self._refuse_association(event, reason)
+
+    def _refuse_association(self, event, reason: str):
+        request = getattr(event.assoc.requestor, "primitive", None)
+        calling = str(getattr(request, "calling_ae_title", "") or "").strip()
+        called = str(getattr(request, "called_ae_title", "") or "").strip()
+        tls = subject(_peercert(event.assoc)) if self.settings.tls else None
+        self.results.write("association_rejected", calling_ae=calling, called_ae=called, peer=_peer(event.assoc),
+                           **({"tls_subject": tls} if tls else {}), reason=reason)
+        self.audit.association(peer=_peer(event.assoc), calling_ae=calling, called_ae=called, tls_subject=tls,
+                               accepted=False, reason=reason)
 
     def _on_closed(self, event):
         """Released, aborted or dropped: whatever ended the association, its count goes with it."""
@@ -255,20 +306,42 @@ class DicomNode:
         start = time.perf_counter()
         with self._lock:
             self._received[id(event.assoc)] = 0
-        ids = {"calling_ae": _calling(event)}
+        ids = {"calling_ae": _calling(event), "peer": _peer(event.assoc)}
+        if self.settings.tls:
+            ids["tls_subject"] = subject(_peercert(event.assoc))
         try:
             ds = event.dataset
             ds.file_meta = event.file_meta
         except Exception as e:  # the only case for "cannot understand": the dataset does not parse
             self.results.write("instance", status="error", kind="bad_dicom",
                                reason=f"cannot read the dataset ({one_line(e)})", **ids)
-            return STATUS_CANNOT_UNDERSTAND
+            return self._audited(ids, STATUS_CANNOT_UNDERSTAND)
         return self.receive(ds, event.encoded_dataset, ids, start)
 
     def receive(self, ds, encoded, ids: dict, start: float | None = None) -> int:
         """One instance, from a C-STORE or a STOW-RS part (serve.dicom.stow): checked, classified, logged and its
-        report kept in the outbox. encoded() gives the instance's bytes (asked only when it is classified).
-        Returns the DIMSE status: 0x0000 received (classified or not), 0xA700 not now, 0xC000 unreadable."""
+        report kept in the outbox; audited (--audit) before the answer. encoded() gives the instance's bytes
+        (asked only when it is classified). Returns the DIMSE status: 0x0000 received (classified or not), 0xA700
+        not now, 0xC000 unreadable."""
+        return self._audited(ids, self._receive(ds, encoded, ids, start))
+
+    def _audited(self, ids: dict, status: int) -> int:
+        """The instance's audit event, written before the answer; an audit that cannot be written (a full disk)
+        turns the answer into 0xA700: the sender tries again, and its report is not queued twice."""
+        patient = self.results.patient_ids.apply({"patient_id": ids.get("patient_id", "")})
+        try:
+            self.audit.instance_received(
+                peer=ids.get("peer") or ids.get("client", ""), calling_ae=ids.get("calling_ae", ids.get("received_by", "")),
+                sop_instance_uid=ids.get("sop_instance_uid", ""), sop_class=ids.get("sop_class"),
+                study_instance_uid=ids.get("study_instance_uid", ""),
+                patient_id=patient.get("patient_id") or patient.get("patient_id_hmac"),
+                outcome={STATUS_OK: 0, STATUS_OUT_OF_RESOURCES: 4}.get(status, 8), reason=f"status 0x{status:04X}")
+        except OSError as e:
+            log.error("audit: cannot write (%s): instance %s answered 0xA700", one_line(e), ids.get("sop_instance_uid"))
+            return STATUS_OUT_OF_RESOURCES
+        return status
+
+    def _receive(self, ds, encoded, ids: dict, start: float | None = None) -> int:
         start = time.perf_counter() if start is None else start
         try:
             ids.update(identifiers(ds))
@@ -401,6 +474,27 @@ def not_for_the_model(ds) -> str | None:
 
 def _calling(event) -> str:
     return _calling_assoc(event.assoc)
+
+
+def _calling_requested(event) -> str:
+    request = getattr(event.assoc.requestor, "primitive", None)
+    return str(getattr(request, "calling_ae_title", "") or "").strip()
+
+
+def _peer(assoc) -> str:
+    try:
+        return str(assoc.requestor.address)
+    except AttributeError:
+        return ""
+
+
+def _peercert(assoc) -> dict | None:
+    """The verified client certificate of a TLS association (None: plain, or no certificate asked for)."""
+    sock = getattr(getattr(getattr(assoc, "dul", None), "socket", None), "socket", None)
+    try:
+        return sock.getpeercert() if hasattr(sock, "getpeercert") else None
+    except (OSError, ValueError):
+        return None
 
 
 def _calling_assoc(assoc) -> str:

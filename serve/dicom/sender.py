@@ -24,8 +24,10 @@ import threading
 import time
 from pathlib import Path
 
+from xray.serve.audit import AuditLog
+
 from .destination import DicomWebDestination
-from .dimse_client import DimseTransport
+from .dimse_client import DimseTransport, SendTls
 from .outbox import EXPIRED, Entry, Outbox, object_fields
 from .stow_client import StowTransport
 from .transport import REFUSED, RETRY, Outcome
@@ -34,19 +36,21 @@ log = logging.getLogger("xray.serve.dicom")
 PAUSE_ENV = "XRAY_TEST_PAUSE_AFTER_SEND_S"  # tests only: hold the sender between a delivery and its line
 
 
-def transport_for(destination, ae_title: str, credentials: Path | None = None, timeout_s: float = 30.0):
-    """The transport --send-to names: STOW-RS for a DICOMweb URL, else C-STORE to AE@HOST:PORT."""
+def transport_for(destination, ae_title: str, credentials: Path | None = None, timeout_s: float = 30.0,
+                  tls: SendTls | None = None):
+    """The transport --send-to names: STOW-RS for a DICOMweb URL, else C-STORE to AE@HOST:PORT (over TLS with tls)."""
     if isinstance(destination, DicomWebDestination):
-        return StowTransport(destination, credentials, timeout_s)
-    return DimseTransport(destination, ae_title, timeout_s)
+        return StowTransport(destination, credentials, timeout_s, tls)
+    return DimseTransport(destination, ae_title, timeout_s, tls)
 
 
 class Sender:
     def __init__(self, destination, outbox: Outbox, results, ae_title: str, backoff_max_s: float = 60.0,
                  max_age_s: float = 168 * 3600.0, backoff_base_s: float = 1.0, timeout_s: float = 30.0,
-                 credentials: Path | None = None):
-        self.transport = transport_for(destination, ae_title, credentials, timeout_s)
+                 credentials: Path | None = None, tls: SendTls | None = None, audit=None):
+        self.transport = transport_for(destination, ae_title, credentials, timeout_s, tls)
         self.outbox, self.results = outbox, results
+        self.audit = audit or AuditLog(None)
         self.backoff_max_s, self.max_age_s, self.backoff_base_s = backoff_max_s, max_age_s, backoff_base_s
         self.failures = 0  # consecutive failed rounds: the back-off's exponent
         self.retry_after_s: float | None = None  # what the destination asked for after the last failed round
@@ -131,11 +135,13 @@ class Sender:
             log.error("%s for %s refused by %s: %s (kept in %s)", _what(obj), entry.source_uid, self.where,
                       result.reason, kept)
             self.results.write(f"{obj['kind']}_refused", **fields, reason=result.reason, kept=str(kept))
+            self._audit(entry, obj, "refused", result.reason)
         else:
             if result.fields.get("warning"):
                 log.warning("%s for %s stored by %s with a remark: %s", _what(obj), entry.source_uid, self.where,
                             result.fields["warning"])
             self.results.write(f"{obj['kind']}_sent", **fields)
+            self._audit(entry, obj, "sent")
         self.outbox.mark(entry, obj, state, reason=result.reason, destination=self.where, **result.fields)
 
     def _expire(self, entry: Entry) -> bool:
@@ -149,8 +155,13 @@ class Sender:
             self.results.write(f"{obj['kind']}_expired", entry=entry.name, sop_instance_uid=entry.source_uid,
                                **object_fields(obj), destination=self.where, attempts=entry.attempts,
                                age_h=round(age / 3600, 3), kept=str(kept))
+            self._audit(entry, obj, "expired", reason)
             self.outbox.mark(entry, obj, EXPIRED, reason=reason)
         return True
+
+    def _audit(self, entry: Entry, obj: dict, state: str, reason: str = ""):
+        self.audit.report(destination=self.where, kind=obj["kind"], sop_instance_uid=obj["sop_instance_uid"],
+                          study_instance_uid=entry.record.get("study_instance_uid", ""), state=state, reason=reason)
 
     def _note_retry(self, result: Outcome):
         self.retry_after_s = result.retry_after_s

@@ -226,8 +226,8 @@ class _HTTPHandler(urllib.request.HTTPHandler):
 
 
 class _HTTPSHandler(urllib.request.HTTPSHandler):
-    def __init__(self, read_timeout: float):
-        super().__init__()  # the default context: certificates verified against the system's CAs
+    def __init__(self, read_timeout: float, context=None):
+        super().__init__(context=context)  # None: the default context, verified against the system's CAs
         self.read_timeout = read_timeout
 
     def https_open(self, req):
@@ -243,10 +243,16 @@ class StowTransport:
     """POST each result to the archive; a connection per request (a report every few minutes needs no pool).
     Proxies come from the environment (https_proxy, no_proxy), as for any urllib client."""
 
-    def __init__(self, destination: DicomWebDestination, credentials: Path | None = None, timeout_s: float = 30.0):
+    def __init__(self, destination: DicomWebDestination, credentials: Path | None = None, timeout_s: float = 30.0,
+                 tls=None):
         self.destination, self.where, self.credentials = destination, destination.where, credentials
         self.connect_timeout_s, self.read_timeout_s = min(timeout_s, CONNECT_TIMEOUT_S), timeout_s
-        self.opener = urllib.request.build_opener(_HTTPHandler(timeout_s), _HTTPSHandler(timeout_s), _NoRedirect())
+        self.tls = tls  # dimse_client.SendTls (--send-tls-ca/-cert/-key), read for every request; None: the system's CAs
+        self.opener = self._opener(None)
+
+    def _opener(self, context):
+        return urllib.request.build_opener(_HTTPHandler(self.read_timeout_s), _HTTPSHandler(self.read_timeout_s, context),
+                                           _NoRedirect())
 
     def open_round(self) -> Outcome | None:
         return None
@@ -267,8 +273,17 @@ class StowTransport:
             except CredentialsError as e:
                 return [Outcome.retry(str(e))] * len(objects)
         request = urllib.request.Request(self.destination.stow_url, data=body, headers=headers, method="POST")
+        opener = self.opener
+        if self.tls is not None:
+            from xray.common.errors import XrayError
+            from xray.serve.tls import client_context
+
+            try:
+                opener = self._opener(client_context(*self.tls, option="--send-tls"))
+            except XrayError as e:
+                return [Outcome.retry(f"TLS files: {e}")] * len(objects)
         try:
-            with self.opener.open(request, timeout=self.connect_timeout_s) as response:
+            with opener.open(request, timeout=self.connect_timeout_s) as response:
                 status, raw, after = response.status, response.read(MAX_ANSWER_BYTES), None
         except urllib.error.HTTPError as e:  # an answer all the same: 3xx, 4xx, 5xx
             status, raw, after = e.code, _read(e), retry_after_s(e.headers.get("Retry-After"))

@@ -59,6 +59,7 @@ async def _stow(request: Request, study: str | None) -> Response:
         return Response(status_code=400)  # nobody reads it; no traceback for a client that hung up
     finally:
         node.stow_bodies -= 1
+    request.state.images = len(outcomes)  # for the audit trail (serve.audit_http)
     status, payload = response(outcomes)
     headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
     return Response(json.dumps(payload), status, headers=headers, media_type=MEDIA_TYPE)
