@@ -106,7 +106,7 @@ def main(model_path, precision, force_int8, host, port, api_key_file, tls_cert, 
     api_key = read_key(api_key_file)
     https = http_tls(tls_cert, tls_key, tls_client_ca)
     node_settings = node_settings_from(host, read_timeout_s=read_timeout_s, **dicom)
-    audit = open_audit(audit_path)
+    audit = open_audit(audit_path, node_settings.ae_title if node_settings else None)
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s: %(message)s", stream=sys.stderr)
     model, choice = open_model(model_path, precision, threads, force_int8)
     log = logging.getLogger("xray.serve")
@@ -160,11 +160,11 @@ def http_tls(cert, key, client_ca):
     return ServerTls(Path(cert), Path(key), Path(client_ca) if client_ca else None, client_optional=True, option="--tls")
 
 
-def open_audit(path):
+def open_audit(path, source_id):
     from .audit import AuditLog
 
     try:
-        return AuditLog(Path(path) if path else None)
+        return AuditLog(Path(path) if path else None, source_id)
     except OSError as e:
         raise XrayError(f"--audit {path}: {e.strerror or e}") from None
 

@@ -18,17 +18,21 @@ SERVE = [sys.executable, "-c", "from xray.serve.cli import main; main(prog_name=
 class Server:
     """xray-serve ARGS on a free port of 127.0.0.1; `url`; stop() sends SIGTERM and returns the exit code."""
 
-    def __init__(self, *args, env: dict | None = None, ready_timeout: float = 60, command: list | None = None):
+    def __init__(self, *args, env: dict | None = None, ready_timeout: float = 60, command: list | None = None,
+                 verify=True, cert=None):
+        """verify: requests' verify (a CA file for an HTTPS server, --tls-cert); cert: requests' client cert
+        (cert, key) for the readiness probe."""
+        self.verify, self.cert = verify, cert
         self.log_path = f"/tmp/xray-serve-test-{uuid.uuid4().hex[:8]}.log"
         self.log = open(self.log_path, "w+")
         self.proc = subprocess.Popen([*(command or SERVE), "--port", "0", *map(str, args)], stdout=self.log,
                                      stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
         deadline = time.monotonic() + ready_timeout
         while time.monotonic() < deadline:
-            match = re.search(r"Uvicorn running on http://127\.0\.0\.1:(\d+)", self.output())
+            match = re.search(r"Uvicorn running on (https?)://127\.0\.0\.1:(\d+)", self.output())
             if match:
-                self.port = int(match.group(1))
-                self.url = f"http://127.0.0.1:{self.port}"
+                self.port = int(match.group(2))
+                self.url = f"{match.group(1)}://127.0.0.1:{self.port}"
                 break
             if self.proc.poll() is not None:
                 raise AssertionError(f"xray-serve exited {self.proc.returncode}:\n{self.output()}")
@@ -37,7 +41,7 @@ class Server:
             self.stop()
             raise AssertionError(f"xray-serve did not start:\n{self.output()}")
         while time.monotonic() < deadline:  # ready = model loaded and warmed up
-            if requests.get(self.url + "/health/ready", timeout=5).status_code == 200:
+            if requests.get(self.url + "/health/ready", timeout=5, verify=verify, cert=cert).status_code == 200:
                 return
             time.sleep(0.05)
         raise AssertionError("xray-serve never became ready")

@@ -214,6 +214,12 @@ class DicomNode:
         self.results.write("tls_refused", peer=peer, reason=reason)
         self.audit.tls_failed(peer=peer, port_kind="dicom", reason=reason)
 
+    def _tls_identity(self, assoc) -> str | None:
+        """The verified client certificate's subject; None on a plain port."""
+        if self.settings.tls is None:
+            return None
+        return subject(_peercert(assoc)) or "TLS, no client certificate asked for"
+
     def _on_requested(self, event):
         """--allow-ae AE=CN: the certificate vouches for the AE title it calls with (A-ASSOCIATE-RJ otherwise)."""
         pairs = dict(self.settings.ae_certificates)
@@ -234,7 +240,7 @@ class DicomNode:
         assoc = event.assoc
         calling, called = _calling(event), str(getattr(assoc.acceptor, "ae_title", "") or "").strip()
         self.audit.association(peer=_peer(assoc), calling_ae=calling, called_ae=called,
-                               tls_subject=subject(_peercert(assoc)) if self.settings.tls else None, accepted=True)
+                               tls_subject=self._tls_identity(assoc), accepted=True)
         refused = [str(cx.abstract_syntax) for cx in event.assoc.rejected_contexts]
         if refused:
             names = sorted({UID(u).name for u in refused})
@@ -258,7 +264,7 @@ class DicomNode:
         request = getattr(event.assoc.requestor, "primitive", None)
         calling = str(getattr(request, "calling_ae_title", "") or "").strip()
         called = str(getattr(request, "called_ae_title", "") or "").strip()
-        tls = subject(_peercert(event.assoc)) if self.settings.tls else None
+        tls = self._tls_identity(event.assoc)
         self.results.write("association_rejected", calling_ae=calling, called_ae=called, peer=_peer(event.assoc),
                            **({"tls_subject": tls} if tls else {}), reason=reason)
         self.audit.association(peer=_peer(event.assoc), calling_ae=calling, called_ae=called, tls_subject=tls,
@@ -308,7 +314,7 @@ class DicomNode:
             self._received[id(event.assoc)] = 0
         ids = {"calling_ae": _calling(event), "peer": _peer(event.assoc)}
         if self.settings.tls:
-            ids["tls_subject"] = subject(_peercert(event.assoc))
+            ids["tls_subject"] = self._tls_identity(event.assoc)
         try:
             ds = event.dataset
             ds.file_meta = event.file_meta
