@@ -55,6 +55,13 @@ class CertFactory:
                  "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=folder)
         os.chmod(self.ca.key, 0o600)
 
+    @classmethod
+    def of(cls, ca: Pair) -> CertFactory:
+        """A factory issuing from an existing CA (its files beside the new ones)."""
+        factory = cls.__new__(cls)
+        factory.folder, factory.ca = ca.cert.parent, ca
+        return factory
+
     def issue(self, name: str, cn: str, server: bool = False, expired: bool = False, org: str = "") -> Pair:
         pair = Pair(self.folder / f"{name}.crt", self.folder / f"{name}.key")
         csr, ext = self.folder / f"{name}.csr", self.folder / f"{name}.ext"

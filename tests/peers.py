@@ -445,3 +445,58 @@ def stow_answer(stored: list[str], failed: dict | None = None, status: int | Non
     failed = failed or {}
     body = {"00081199": {"vr": "SQ", "Value": items(stored)}, "00081198": {"vr": "SQ", "Value": items(failed, failed)}}
     return (status or (202 if failed else 200)), {"Content-Type": "application/dicom+json"}, json.dumps(body).encode()
+
+
+class NginxTls:
+    """nginx terminating HTTPS in front of a plain HTTP server on 127.0.0.1 (how Orthanc is usually given
+    HTTPS; Debian's Orthanc 1.10.1 crashes on its own SslEnabled port here). `url` is https://127.0.0.1:PORT."""
+
+    def __init__(self, folder: Path, upstream_port: int, cert: Path, key: Path, port: int | None = None):
+        self.folder, self.port = Path(folder), port or free_port()
+        self.url = f"https://127.0.0.1:{self.port}"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.conf = self.folder / "nginx.conf"
+        self.conf.write_text(f"""
+pid {self.folder}/nginx.pid;
+error_log {self.folder}/error.log info;
+worker_processes 1;
+events {{ worker_connections 64; }}
+http {{
+  access_log {self.folder}/access.log;
+  client_body_temp_path {self.folder}/body; proxy_temp_path {self.folder}/proxy;
+  fastcgi_temp_path {self.folder}/fcgi; uwsgi_temp_path {self.folder}/uwsgi; scgi_temp_path {self.folder}/scgi;
+  server {{
+    listen 127.0.0.1:{self.port} ssl;
+    ssl_certificate {cert}; ssl_certificate_key {key}; ssl_protocols TLSv1.2 TLSv1.3;
+    client_max_body_size 200m;
+    location / {{ proxy_pass http://127.0.0.1:{upstream_port}; proxy_set_header Host $host; }}
+  }}
+}}
+""")
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "NginxTls":
+        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+        self.proc = subprocess.Popen([nginx, "-c", str(self.conf), "-g", "daemon off;"], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.STDOUT)
+        wait_until(lambda: self.proc.poll() is not None or _listening(self.port), 20, what="nginx listening")
+        assert self.proc.poll() is None, (self.folder / "error.log").read_text()[-2000:]
+        return self
+
+    def stop(self):
+        if self.proc is not None:
+            _stop_process(self.proc)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+        return True
+    except OSError:
+        return False
