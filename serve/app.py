@@ -13,7 +13,11 @@ from fastapi.staticfiles import StaticFiles
 
 from xray.infer.model import EdgeModel
 
+from .audit import AuditLog
+from .audit_http import AuditMiddleware
+from .https import ClientCertMiddleware
 from .metrics import Metrics
+from .security_headers import SecurityHeadersMiddleware
 from .middleware import ApiKeyMiddleware, BodyLimitMiddleware, MetricsMiddleware
 from .openapi import model_openapi
 from .routes import STATIC, SWAGGER_UI, router
@@ -23,17 +27,18 @@ from .settings import Settings
 log = logging.getLogger("xray.serve")
 
 
-def create_app(model: EdgeModel, settings: Settings, node_settings=None) -> FastAPI:
+def create_app(model: EdgeModel, settings: Settings, node_settings=None, audit: AuditLog | None = None) -> FastAPI:
     """node_settings (serve.dicom.node.NodeSettings): also a DICOM node on the same model worker; the
     caller starts it (app.state.node.start(), so a port in use fails before HTTP starts) and the
-    lifespan stops it before the model worker."""
+    lifespan stops it before the model worker. audit: --audit's trail (None: none)."""
+    audit = audit or AuditLog(None)
     metrics = Metrics()
     service = Service(model, settings, metrics)
     node = None
     if node_settings is not None:
         from .dicom.node import DicomNode
 
-        node = DicomNode(service, node_settings)
+        node = DicomNode(service, node_settings, audit)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -61,14 +66,16 @@ def create_app(model: EdgeModel, settings: Settings, node_settings=None) -> Fast
         app.include_router(stow_router)
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
     app.mount("/docs/static", StaticFiles(directory=str(SWAGGER_UI)), name="docs-static")
-    add_middleware(app, settings, metrics)
+    add_middleware(app, settings, metrics, audit)
     return app
 
 
-def add_middleware(app: FastAPI, settings: Settings, metrics: Metrics):
-    """Outermost first: metrics (see every response), CORS, the key (checked before the body is read),
-    the body's limit and timeout. CORS sits outside the key and body checks so that a preflight needs no key
-    and their refusals (401, 413, 408) carry the CORS headers a browser needs to read them."""
+def add_middleware(app: FastAPI, settings: Settings, metrics: Metrics, audit: AuditLog):
+    """Outermost first: metrics (see every response), the security headers, the audit (--audit: it sees every
+    answer, refusals included), the client certificate (--tls-client-ca), CORS, the key (checked before the
+    body is read), the body's limit and timeout. CORS sits outside the key and body checks so that a preflight
+    needs no key and their refusals (401, 413, 408) carry the CORS headers a browser needs to read them; the
+    security headers sit outside all of them, so every refusal and the preflights carry them too."""
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes,
                        read_timeout_s=settings.read_timeout_s)
     app.add_middleware(ApiKeyMiddleware, key=settings.api_key)
@@ -78,6 +85,12 @@ def add_middleware(app: FastAPI, settings: Settings, metrics: Metrics):
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.allow_origins), allow_methods=["GET", "POST"],
                            allow_headers=["content-type", "x-api-key", "authorization", "x-filename"],
                            expose_headers=["retry-after"])
+    if settings.tls_client_ca:
+        app.add_middleware(ClientCertMiddleware)
+    if audit.enabled:
+        app.add_middleware(AuditMiddleware, audit=audit, api_key=bool(settings.api_key))
+    # the security headers (CSP, nosniff, ...; HSTS over TLS) on every response, the refusals above included
+    app.add_middleware(SecurityHeadersMiddleware, hsts=settings.tls)
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # added last = outermost
 
 

@@ -3,10 +3,9 @@ upload images through the file input, wait for the answers, check them against /
 pixels the browser drew (films, heatmaps, the enlarged view). Screenshots land in build/screenshots/."""
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import requests
+from browser import chromium
 from conftest import ROOT
 from serving import Server
 from test_infer import radiograph, save_mode
@@ -17,17 +16,7 @@ SCREENSHOTS = ROOT / "build" / "screenshots"  # kept after the run, to look at
 
 @pytest.fixture(scope="module")
 def browser():
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    for tool in ("/usr/bin/chromium", "/usr/bin/chromedriver"):
-        assert shutil.which(tool), f"{tool} missing: make test installs Debian's chromium and chromium-driver"
-    options = webdriver.ChromeOptions()
-    options.binary_location = "/usr/bin/chromium"
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,800"):
-        options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
-    driver.set_page_load_timeout(30)
+    driver = chromium()
     yield driver
     driver.quit()
 
