@@ -193,7 +193,10 @@ def on_sighup(reopen: list, reload: list):
 
     def work():
         for target in reopen:
-            target.reopen()
+            try:
+                target.reopen()
+            except (OSError, XrayError) as e:  # the old file stays in use; the certificates are still re-read
+                log.error("SIGHUP: could not reopen a log (%s): writing on to the old file", e)
         for tls in reload:
             try:
                 tls.reload()

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from xray.common.errors import XrayError
 
+TIMED_OUT = "the handshake timed out"
 BCP195_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20"  # TLS 1.2; TLS 1.3's suites all qualify
 
 
@@ -108,7 +109,7 @@ def common_name(peercert: dict | None) -> str | None:
 def handshake_reason(e: BaseException) -> str:
     """One line saying why a handshake failed, in the words a reader of the log needs."""
     if isinstance(e, TimeoutError) or "timed out" in str(e):
-        return "the handshake timed out"
+        return TIMED_OUT
     if isinstance(e, ssl.SSLCertVerificationError):
         return f"certificate refused: {e.verify_message}"
     reason = getattr(e, "reason", None)

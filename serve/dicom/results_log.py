@@ -78,8 +78,9 @@ class ResultsLog:
         with self._lock:
             if self._file.closed:
                 return
+            fresh = self._open()  # first: if it fails (a full disk), the log goes on in the old file
             self._file.close()
-            self._file = self._open()
+            self._file = fresh
         log.info("results log reopened: %s", self.path)
 
     def write(self, event: str, **fields):

@@ -19,10 +19,11 @@ from typing import Callable
 
 from pynetdicom.transport import ThreadedAssociationServer
 
-from xray.serve.tls import ServerTls, handshake_reason
+from xray.serve.tls import TIMED_OUT, ServerTls, handshake_reason
 
 
 class HandshakeInThreadServer(ThreadedAssociationServer):
+    request_queue_size = 128  # socketserver's listen backlog is 5: a burst of modalities would see refusals
     tls: ServerTls | None = None
     handshake_timeout_s: float = 30.0
     on_handshake_failed: Callable[[tuple, str], None] = staticmethod(lambda address, reason: None)
@@ -39,22 +40,44 @@ class HandshakeInThreadServer(ThreadedAssociationServer):
         super().process_request_thread(request, client_address)
 
     def _handshake(self, raw: socket.socket, address) -> ssl.SSLSocket | None:
+        """The whole handshake within the timeout: the socket's own timeout bounds each read, and a timer cuts a
+        client that trickles its ClientHello a byte at a time."""
         raw.settimeout(self.handshake_timeout_s)
+        expired = threading.Event()
+
+        def cut():
+            expired.set()
+            _shutdown(raw)
+
+        timer = threading.Timer(self.handshake_timeout_s, cut)
+        timer.daemon = True
+        timer.start()
         try:
             tls = self.tls.context.wrap_socket(raw, server_side=True)
         except (OSError, ValueError) as e:  # SSLError, a timeout, a reset; ValueError: closed under us at shutdown
-            self.on_handshake_failed(address, handshake_reason(e))
+            reason = TIMED_OUT if expired.is_set() else handshake_reason(e)
+            self.on_handshake_failed(address, reason)
             _close(raw)
+            return None
+        finally:
+            timer.cancel()
+        if expired.is_set():  # finished just as the timer cut it: the socket is shut, the connection gone
+            _close(tls)
+            self.on_handshake_failed(address, TIMED_OUT)
             return None
         tls.settimeout(None)  # as pynetdicom has it: its reactor polls with select(), its own timeouts apply
         return tls
 
 
-def _close(sock: socket.socket):
+def _shutdown(sock: socket.socket):
     try:
         sock.shutdown(socket.SHUT_RDWR)
     except OSError:
         pass
+
+
+def _close(sock: socket.socket):
+    _shutdown(sock)
     sock.close()
 
 
