@@ -16,9 +16,9 @@ from xray.common.imageio import DEFAULT_MAX_PIXELS
 
 from .dicom.options import dicom_options, node_settings_from
 from .https import tls_config
+from .settings import is_loopback
 from .tls import ServerTls
 
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 KEY_ENV = "XRAY_API_KEY"
 EPILOG = """\b
@@ -114,9 +114,9 @@ def main(model_path, precision, force_int8, host, port, api_key_file, tls_cert, 
     for note in (model.runtime_warning(), model.portability_note(), model.guard_note()):
         if note:
             log.warning(note)
-    if host not in LOOPBACK and not api_key and not tls_client_ca:
+    if not is_loopback(host) and not api_key and not tls_client_ca:
         log.warning("serving on %s without an API key: anyone who can reach this port can use it", host)
-    if host not in LOOPBACK and https is None:
+    if not is_loopback(host) and https is None:
         log.warning("serving HTTP on %s without TLS: images and the API key cross the network in clear "
                     "(--tls-cert/--tls-key, or a TLS reverse proxy with --host 127.0.0.1)", host)
     settings = Settings(max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue=max_queue,

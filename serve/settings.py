@@ -1,6 +1,7 @@
 """Everything xray-serve can be told, in one place (the CLI fills it, the app reads it)."""
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 
 from xray.common.imageio import DEFAULT_MAX_PIXELS
@@ -26,3 +27,13 @@ class Settings:
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or localhost: a listener no other machine reaches (no warning about keys or TLS)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

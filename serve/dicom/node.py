@@ -35,6 +35,7 @@ from pynetdicom.sop_class import (ComputedRadiographyImageStorage, DigitalXRayIm
 
 from xray.common.errors import one_line
 from xray.serve.audit import AuditLog
+from xray.serve.settings import is_loopback
 from xray.serve.tls import ServerTls, common_name, subject
 
 from . import pdu_limit
@@ -55,7 +56,6 @@ CHEST_STORAGE = (ComputedRadiographyImageStorage, DigitalXRayImageStorageForPres
 CHEST_BODY_PARTS = ("", "CHEST", "THORAX", "LUNG", "CHEST_TO_PELVIS")
 LATERAL_VIEWS = ("LL", "RL", "LATERAL", "LLD", "RLD")
 STATUS_OK, STATUS_CANNOT_UNDERSTAND, STATUS_OUT_OF_RESOURCES = 0x0000, 0xC000, 0xA700
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def decodable_transfer_syntaxes() -> list[UID]:
@@ -156,6 +156,7 @@ class DicomNode:
         ae = AE(ae_title=s.ae_title)
         ae.maximum_pdu_size = s.max_pdu
         ae.maximum_associations = s.max_associations
+        ae.acse_timeout = s.handshake_timeout_s  # a connection that never asks for an association goes after this
         ae.require_calling_aet = list(s.allow_ae)
         ae.require_called_aet = not s.accept_any_called_ae
         for sop_class in CHEST_STORAGE:
@@ -167,10 +168,10 @@ class DicomNode:
         self._server = tls_server.serve(ae, (s.host, s.port), s.tls, s.handshake_timeout_s, self._on_handshake_failed,
                                         handlers)
         self._listening = True
-        if s.host not in LOOPBACK and not s.allow_ae:
+        if not is_loopback(s.host) and not s.allow_ae:
             log.warning("DICOM node on %s accepts any calling AE title: name the modalities and PACS with "
                         "--allow-ae AE (repeatable)", s.host)
-        if s.host not in LOOPBACK and s.tls is None:
+        if not is_loopback(s.host) and s.tls is None:
             log.warning("DICOM node on %s without TLS: images, patient names and reports cross the network in clear "
                         "(--dicom-tls-cert/--dicom-tls-key)", s.host)
         return self._server.server_address[1]
@@ -271,9 +272,15 @@ class DicomNode:
                                accepted=False, reason=reason)
 
     def _on_closed(self, event):
-        """Released, aborted or dropped: whatever ended the association, its count goes with it."""
+        """Released, aborted or dropped: whatever ended the association, its count goes with it. A connection
+        closed before its A-ASSOCIATE-RQ (a port scan, a certificate check) would leave pynetdicom 3.0 waiting
+        for the request until the ACSE timeout, holding one of --max-associations: wake that wait now (None is
+        what a timeout gives it, and it ends the association)."""
         with self._lock:
             self._received.pop(id(event.assoc), None)
+        assoc = event.assoc
+        if assoc.is_acceptor and getattr(assoc.requestor, "primitive", None) is None:
+            assoc.dul.to_user_queue.put(None)
 
     def bookkeeping(self) -> dict:
         """The sizes of everything the node keeps in memory between instances (tests compare it after 10 and
