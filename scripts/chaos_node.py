@@ -3,7 +3,10 @@
 and DCMTK's storescu (a modality that re-sends) against `xray-serve --dicom-port`, while the node is SIGKILLed at
 random moments, Orthanc is stopped and started, and instances are re-pushed.
 
-    python scripts/chaos_node.py --minutes 2 --model runs/<run>/export [--seed 1] [--keep DIR]
+    python scripts/chaos_node.py --minutes 2 --model runs/<run>/export [--seed 1] [--keep DIR] [--tls]
+
+--tls: every DICOM link over mutual TLS (a test CA from scripts/make_test_pki.py): the node with --dicom-tls-cert/
+-key/-ca and --send-tls-ca/-cert/-key, Orthanc with DicomTlsEnabled (its modality entry UseDicomTls), storescu +tls.
 
 Everything runs on 127.0.0.1: an Orthanc of its own (tests/peers.py) on free ports, the node on a DICOM port chosen
 once (restarts keep it; Orthanc knows it as modality "edge", AE XRAY_EDGE) with one --results folder (the outbox
@@ -234,11 +237,12 @@ def dcmtk(tool: str) -> str:
 class Node:
     """xray-serve with the DICOM node, restarted on the same DICOM port and --results folder; one log per process."""
 
-    def __init__(self, model: Path, dicom_port: int, results: Path, send_to: str, logs: Path):
+    def __init__(self, model: Path, dicom_port: int, results: Path, send_to: str, logs: Path, extra: tuple = ()):
         self.dicom_port, self.results, self.logs = dicom_port, results, logs
         self.cmd = [sys.executable, "-c", "from xray.serve.cli import main; main(prog_name='xray-serve')",
                     "--model", str(model), "--port", "0", "--dicom-port", str(dicom_port), "--results", str(results),
-                    "--send-to", send_to, "--send-heatmap", "--send-backoff-max-s", "2", "--log-level", "info"]
+                    "--send-to", send_to, "--send-heatmap", "--send-backoff-max-s", "2", "--log-level", "info",
+                    *map(str, extra)]
         self.proc: subprocess.Popen | None = None
         self.starts, self.paused = 0, False
         self.expected_dead = True  # False while a process runs that nobody meant to end
@@ -344,7 +348,7 @@ class Push:
         if route == "storescu":
             self.proc = subprocess.Popen(
                 [chaos.storescu, "-v", "-aet", CALLING_AE, "-aec", NODE_AE, "-to", "20", "-ta", "20", "-td", "30",
-                 "127.0.0.1", str(chaos.node_port), str(src.path)],
+                 *chaos.storescu_tls, "127.0.0.1", str(chaos.node_port), str(src.path)],
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             self.thread = None
         else:
@@ -388,11 +392,11 @@ class Push:
 
 # ---------------------------------------------------------------------------------------------------- the run
 class Chaos:
-    def __init__(self, work: Path, model: Path, seed: int, minutes: float, size: tuple[int, int]):
+    def __init__(self, work: Path, model: Path, seed: int, minutes: float, size: tuple[int, int], tls: bool = False):
         import peers
         from peers import Orthanc, free_port
 
-        self.work, self.model, self.seed, self.minutes, self.size = work, model, seed, minutes, size
+        self.work, self.model, self.seed, self.minutes, self.size, self.tls = work, model, seed, minutes, size, tls
         self.rng = random.Random(seed)
         self.t0 = time.monotonic()
         self.storescu = dcmtk("storescu")
@@ -407,7 +411,9 @@ class Chaos:
             self.pacs.config["DicomModalities"]["edge"] = [NODE_AE, "127.0.0.1", self.node_port]
         self.pacs_up = False
         self.results = work / "results"
-        self.node = Node(model, self.node_port, self.results, f"ORTHANC@127.0.0.1:{self.pacs.dicom_port}", work)
+        node_tls, self.storescu_tls = self._tls(work) if tls else ((), ())
+        self.node = Node(model, self.node_port, self.results, f"ORTHANC@127.0.0.1:{self.pacs.dicom_port}", work,
+                         node_tls)
         (work / "sources").mkdir(parents=True, exist_ok=True)
         self.journal_file = open(work / "chaos.jsonl", "a", encoding="utf-8")
         self.sources: dict[str, Source] = {}
@@ -421,6 +427,21 @@ class Chaos:
         self.rss_end: float | None = None
 
     # ------------------------------------------------------------------ output
+    def _tls(self, work: Path) -> tuple[tuple, tuple]:
+        """--tls: a test CA; Orthanc's DICOM port TLS-only with client certificates, and its pushes to the node over
+        TLS; the node's options and storescu's. Returns (the node's extra options, storescu's)."""
+        from make_test_pki import make_pki
+
+        pki = make_pki(work / "pki")
+        self.pacs.config.update({"DicomTlsEnabled": True, "DicomTlsCertificate": str(pki.pacs.cert),
+                                 "DicomTlsPrivateKey": str(pki.pacs.key), "DicomTlsTrustedCertificates": str(pki.ca.cert),
+                                 "DicomTlsRemoteCertificateRequired": True})
+        self.pacs.config["DicomModalities"]["edge"] = {"AET": NODE_AE, "Host": "127.0.0.1", "Port": self.node_port,
+                                                       "UseDicomTls": True}
+        node = ("--dicom-tls-cert", pki.server.cert, "--dicom-tls-key", pki.server.key, "--dicom-tls-ca", pki.ca.cert,
+                "--send-tls-ca", pki.ca.cert, "--send-tls-cert", pki.server.cert, "--send-tls-key", pki.server.key)
+        return node, ("+tls", str(pki.modality.key), str(pki.modality.cert), "+cf", str(pki.ca.cert))
+
     def say(self, text: str):
         print(f"[{time.monotonic() - self.t0:7.1f} s] {text}", flush=True)
 
@@ -740,6 +761,11 @@ class Chaos:
         self.lines = read_results(self.results)
         sources = {s.uid: {"study": s.study, "acks": s.acks} for s in self.sources.values()}
         rss = (self.rss_start, self.rss_end) if self.rss_start is not None and self.rss_end is not None else None
+        refused = [r for r in self.lines if r.get("event") == "tls_refused"]
+        if refused:  # every client here has a good certificate: a refusal is the node's fault (a kill mid-handshake
+            # closes the socket on the client's side, which logs nothing on the next node)
+            self.run_violations.append(f"{len(refused)} TLS handshakes of good clients refused, e.g. "
+                                       f"{refused[0].get('reason')}")
         return check(self.lines, self.found, sources, rss) + self.run_violations
 
     def summary(self, violations: list[str]) -> list[str]:
@@ -759,6 +785,7 @@ class Chaos:
             f"kills: receive={self.kills['receive']} send={self.kills['send']} after_send={self.kills['after_send']} "
             f"other={self.kills['other']} (faults that missed: {missed})",
             f"orthanc outages: {self.outages}",
+            f"DICOM links: {'mutual TLS (node in and out, Orthanc, storescu)' if self.tls else 'plain'}",
             f"in Orthanc: {srs} SRs, {scs} heatmap SCs",
             f"results.jsonl: {len(self.lines)} lines; node processes: {self.node.starts}",
             f"node RSS: {rss}",
@@ -786,7 +813,8 @@ class Chaos:
                    "default: a temporary folder, removed unless there were violations.")
 @click.option("--size", type=(int, int), default=(128, 256), show_default=True,
               help="Smallest and largest generated image height (px).")
-def main(model: Path, minutes: float, seed: int, keep: Path | None, size: tuple[int, int]):
+@click.option("--tls", is_flag=True, help="Every DICOM link over mutual TLS (a test CA made in the work folder).")
+def main(model: Path, minutes: float, seed: int, keep: Path | None, size: tuple[int, int], tls: bool):
     work = keep.resolve() if keep else Path(tempfile.mkdtemp(prefix="xray-chaos-"))
     if keep:
         if keep.exists() and any(keep.iterdir()):
@@ -800,7 +828,7 @@ def main(model: Path, minutes: float, seed: int, keep: Path | None, size: tuple[
     signal.signal(signal.SIGTERM, on_term)
     chaos = None
     try:
-        chaos = Chaos(work, model.resolve(), seed, minutes, size)
+        chaos = Chaos(work, model.resolve(), seed, minutes, size, tls)
         violations = chaos.run()
         report = [f"VIOLATION {v}" for v in violations] + chaos.summary(violations) + [
             f"work folder: {work}" if keep or violations else "work folder: removed", f"{len(violations)} violations"]

@@ -109,14 +109,17 @@ def test_the_checks_catch_memory_growth():
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("chaos_node")  # the node, Orthanc and storescu for 2+ minutes: one at a time
-def test_two_minutes_of_kills_and_outages_leave_every_report_exactly_once(cam_onnx, tmp_path):
+def test_two_minutes_of_kills_and_outages_over_mutual_tls_leave_every_report_exactly_once(cam_onnx, tmp_path):
+    """The run over TLS (issue #29: the security work checked with the fault injection): every DICOM link, the
+    node's kills mid-handshake included, with no good client's handshake refused."""
     proc = run_command([sys.executable, SCRIPTS / "chaos_node.py", "--minutes", 2, "--model", cam_onnx, "--seed", 7,
-                        "--keep", tmp_path / "chaos"], check=False, timeout=900)
+                        "--keep", tmp_path / "chaos", "--tls"], check=False, timeout=900)
     out = proc.stdout
     tail = f"exit {proc.returncode}\n{out[-6000:]}\n{proc.stderr[-3000:]}"
     assert proc.returncode == 0 and out.strip().splitlines()[-1] == "0 violations", tail
     kills = re.search(r"^kills: receive=(\d+) send=(\d+) after_send=(\d+)", out, re.M)
     assert kills and all(int(n) > 0 for n in kills.groups()), tail
+    assert re.search(r"^DICOM links: mutual TLS", out, re.M), tail
     outages = re.search(r"^orthanc outages: (\d+)", out, re.M)
     assert outages and int(outages.group(1)) >= 1, tail
     counts = re.search(r"^acknowledged: (\d+) \(never: (\d+)\)", out, re.M)
