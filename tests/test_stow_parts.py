@@ -212,7 +212,7 @@ def test_dicomweb_alone_makes_a_node_without_a_dimse_port_and_allow_ae_needs_one
     settings = node_settings_from(**args)
     assert settings.port is None and settings.dicomweb
     assert node_settings_from(**{**args, "dicomweb": False}) is None
-    with pytest.raises(XrayError, match="--allow-ae names the AE titles of DIMSE callers"):
+    with pytest.raises(XrayError, match="are about the DIMSE port: add --dicom-port"):
         node_settings_from(**{**args, "allow_ae": ("CR1",)})
     with pytest.raises(XrayError, match="add --dicom-port PORT or --dicomweb"):
         node_settings_from(**{**args, "dicomweb": False, "send_to": "PACS@h:104"})
