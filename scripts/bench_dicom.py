@@ -5,8 +5,15 @@ DICOMweb STOW-RS into the same server process (xray-serve --dicom-port and --dic
 request and 8 per request from one keep-alive client, and one per request from four clients; then C-STORE with
 --send-to a PACS (a pynetdicom SCP in this process): each report built, fsynced into the outbox before the
 C-STORE is answered, and delivered — timed until the last SR has reached the PACS. Torch-free.
+With --tls (the default), C-STORE at 1 and 4 associations also goes to a second node, on the DICOM port TLS-only
+with client certificates required (--dicom-tls-cert/-key/-ca, --allow-ae BENCH=MODALITY: mutual TLS as a
+hospital runs it), from a sender presenting the modality's certificate (a test CA from make_test_pki.py); both
+nodes run at once and their rounds alternate (plain, TLS, then TLS, plain, ...; --rounds pairs, the median of
+each), so the ratio TLS / plain is measured under the same load. Goal: >= 0.9 at 1 and at 4 associations. The CPU
+milliseconds per instance of the node and of the sender (this process) are printed beside it: both ends share
+this machine's cores, where a modality would be another machine.
 
-    python scripts/bench_dicom.py --model runs/demo/export [--instances 48]
+    python scripts/bench_dicom.py --model runs/demo/export [--instances 48] [--rounds 4] [--no-tls]
 
 Instances are DX (16-bit words, 12 bits stored, MONOCHROME2) generated from the synthetic chest renderer at
 1200-2000 px, the size digital radiographs arrive in; every C-STORE must return 0x0000 and every instance
@@ -19,8 +26,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import signal
+import ssl
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,6 +47,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 from make_synthetic import Anatomy, render  # noqa: E402
+from make_test_pki import make_pki  # noqa: E402
 from send_dicom import make_ae, send  # noqa: E402
 
 from xray.common.cpu import cpu_model, int8_dot_product  # noqa: E402
@@ -106,10 +117,35 @@ def start_node(model: str, results: Path, log_path: Path, *extra):
     raise SystemExit(f"xray-serve did not start:\n{log_path.read_text()[-2000:]}")
 
 
-def store_all(port: int, datasets, associations: int) -> float:
+class WithTls:
+    """An AE whose associations are made over TLS (pynetdicom's tls_args): send_dicom.send() unchanged."""
+
+    def __init__(self, ae, tls_args):
+        self.ae, self.tls_args = ae, tls_args
+
+    def associate(self, *args, **kwargs):
+        return self.ae.associate(*args, tls_args=self.tls_args, **kwargs)
+
+
+def client_tls(pki) -> tuple[ssl.SSLContext, str]:
+    """The sender's side of mutual TLS: verify the node against the test CA (its SAN IP:127.0.0.1), present
+    the modality's certificate."""
+    ctx = ssl.create_default_context(cafile=str(pki.ca.cert))
+    ctx.load_cert_chain(str(pki.modality.cert), str(pki.modality.key))
+    return ctx, "127.0.0.1"
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def store_all(port: int, datasets, associations: int, tls_args=None) -> float:
     import threading
 
     ae = make_ae("BENCH", {DX})
+    ae = WithTls(ae, tls_args) if tls_args else ae
     statuses: dict = {}
     t0 = time.perf_counter()
     threads = [threading.Thread(target=send, args=(ae, ("XRAY_EDGE", "127.0.0.1", port), datasets[k::associations],
@@ -224,10 +260,16 @@ class Pacs:
 @click.option("--model", default=str(ROOT / "runs" / "demo" / "export"), show_default=True,
               help="Export folder (the faster precision on this CPU) or a model file.")
 @click.option("--instances", type=click.IntRange(min=4), default=48, show_default=True)
+@click.option("--rounds", type=click.IntRange(min=1), default=4, show_default=True,
+              help="C-STORE rounds at 1 and at 4 associations (plain, and with --tls as many over TLS, alternated); "
+                   "the median of each.")
+@click.option("--tls/--no-tls", default=True, show_default=True,
+              help="Also C-STORE over mutual TLS to a second node running at the same time: TLS / plain.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the figures here.")
-def main(model, instances, json_path):
+def main(model, instances, rounds, tls, json_path):
     with tempfile.TemporaryDirectory(prefix="bench_dicom_") as tmp:
         tmp = Path(tmp)
+        pki = make_pki(tmp / "pki") if tls else None
         dcms, pngs = make_files(tmp, instances)
         mb = sum(p.stat().st_size for p in dcms) / len(dcms) / 2 ** 20
         res = {"cpu": cpu_model(), "int8_dot_product": int8_dot_product(), "instances": instances,
@@ -237,11 +279,34 @@ def main(model, instances, json_path):
         # one process for C-STORE and STOW-RS: the same model, results logging and settings for both
         proc, port, http_port = start_node(model, tmp / "results", tmp / "serve.log", "--dicomweb",
                                            "--max-upload-mb", str(STOW_MAX_UPLOAD_MB))
+        tls_proc = None
         try:
+            if tls:  # the same node but TLS-only on the DICOM port, client certificates required
+                tls_proc, tls_port, _ = start_node(
+                    model, tmp / "results_tls", tmp / "serve_tls.log", "--dicom-tls-cert", pki.server.cert,
+                    "--dicom-tls-key", pki.server.key, "--dicom-tls-ca", pki.ca.cert, "--allow-ae", "BENCH=MODALITY")
+                tls_args = client_tls(pki)
+                store_all(tls_port, datasets[:4], 1, tls_args)  # warm
             store_all(port, datasets[:4], 1)  # warm
             for n in (1, 4):
-                renew(datasets)
-                res[f"node_{n}_assoc_per_s"] = instances / store_all(port, datasets, n)
+                rates, cpu = {"plain": [], "tls": []}, {"plain": [0.0, 0.0], "tls": [0.0, 0.0]}  # node, sender
+                for r in range(rounds):  # plain, TLS; then TLS, plain; ...: drift in the machine's load cancels
+                    for kind in (("plain", "tls") if r % 2 == 0 else ("tls", "plain")) if tls else ("plain",):
+                        renew(datasets)
+                        pid = proc.pid if kind == "plain" else tls_proc.pid
+                        node0, sender0 = cpu_s(pid), time.process_time()
+                        rates[kind].append(instances / (store_all(port, datasets, n) if kind == "plain" else
+                                                        store_all(tls_port, datasets, n, tls_args)))
+                        cpu[kind][0] += cpu_s(pid) - node0
+                        cpu[kind][1] += time.process_time() - sender0
+                for kind, key in (("plain", f"node_{n}_assoc"), ("tls", f"node_tls_{n}_assoc"))[:2 if tls else 1]:
+                    res[f"{key}_per_s"] = statistics.median(rates[kind])
+                    res[f"{key}_rounds"] = rates[kind]
+                    res[f"{key}_cpu_ms_per_instance"] = [1e3 * c / (rounds * instances) for c in cpu[kind]]
+                if tls:
+                    res[f"tls_per_plain_{n}_assoc"] = res[f"node_tls_{n}_assoc_per_s"] / res[f"node_{n}_assoc_per_s"]
+            if tls:
+                res["logged_tls"] = check_logged(tmp / "results_tls", 2 * rounds * instances + 4)
             renew(datasets)
             stow_all(http_port, datasets[:4], 1, 1)  # warm the HTTP path
             for key, per_request, clients in STOW_ROWS:
@@ -249,10 +314,14 @@ def main(model, instances, json_path):
                 res[key] = instances / stow_all(http_port, datasets, per_request, clients)
             res["stow_per_cstore"] = res["node_stow_1_per_request_per_s"] / res["node_1_assoc_per_s"]
             stowed = 4 + len(STOW_ROWS) * instances
-            res["logged"] = check_logged(tmp / "results", 2 * instances + 4 + stowed, stow=stowed)
+            res["logged"] = check_logged(tmp / "results", 2 * rounds * instances + 4 + stowed, stow=stowed)
         finally:
-            proc.send_signal(signal.SIGTERM)
+            for p in (proc, tls_proc):
+                if p is not None:
+                    p.send_signal(signal.SIGTERM)
             res["server_exit"] = proc.wait(60)
+            if tls_proc is not None:
+                res["server_tls_exit"] = tls_proc.wait(60)
         pacs = Pacs()
         proc, port, _ = start_node(model, tmp / "results_sr", tmp / "serve_sr.log", "--send-to",
                                 f"PACS@127.0.0.1:{pacs.port}")
@@ -279,6 +348,9 @@ def main(model, instances, json_path):
     for n in (1, 4):
         print(f"| DICOM node, C-STORE over {n} association{'s' if n > 1 else ''} (received + classified + logged) | "
               f"{res[f'node_{n}_assoc_per_s']:.1f} |")
+        if tls:
+            print(f"| DICOM node, C-STORE over {n} association{'s' if n > 1 else ''}, mutual TLS (client certificate "
+                  f"required; received + classified + logged) | {res[f'node_tls_{n}_assoc_per_s']:.1f} |")
     for (key, per_request, clients), label in zip(STOW_ROWS, STOW_LABELS):
         print(f"| DICOM node, {label} (received + classified + logged) | {res[key]:.1f} |")
     for n in (1, 4):
@@ -286,9 +358,22 @@ def main(model, instances, json_path):
               f"outbox) / until the last SR reached the PACS | {res[f'node_sr_{n}_assoc_per_s']:.1f} / "
               f"{res[f'node_sr_{n}_assoc_delivered_per_s']:.1f} |")
     print(f"\nSTOW-RS (1 per request) / C-STORE (1 association): {res['stow_per_cstore']:.2f}x")
-    print(f"\nall {2 * instances + 4} C-STOREs per server 0x0000, all {4 + len(STOW_ROWS) * instances} STOW-RS "
+    if tls:
+        for n in (1, 4):
+            r = res[f"tls_per_plain_{n}_assoc"]
+            print(f"C-STORE mutual TLS / plain ({n} association{'s' if n > 1 else ''}): {r:.3f}x (goal >= 0.9: "
+                  f"{'PASS' if r >= 0.9 else 'FAIL'}; instances/s per round, plain "
+                  f"{[round(x, 1) for x in res[f'node_{n}_assoc_rounds']]}, TLS "
+                  f"{[round(x, 1) for x in res[f'node_tls_{n}_assoc_rounds']]}; CPU ms per instance, node / sender: "
+                  f"plain {'/'.join(f'{x:.0f}' for x in res[f'node_{n}_assoc_cpu_ms_per_instance'])}, TLS "
+                  f"{'/'.join(f'{x:.0f}' for x in res[f'node_tls_{n}_assoc_cpu_ms_per_instance'])})")
+    cstores = 2 * rounds * instances + 4
+    print(f"\nall C-STOREs 0x0000 ({cstores} to the plain node{f', {cstores} over TLS' if tls else ''}, "
+          f"{2 * instances + 4} with SRs), all {4 + len(STOW_ROWS) * instances} STOW-RS "
           f"instances stored (HTTP 200, each in the ReferencedSOPSequence), all logged with a result ({res['logged']}; "
-          f"with SRs {res['logged_sr']}); xray-serve exit {res['server_exit']} / {res['server_sr_exit']}")
+          + (f"over TLS {res['logged_tls']}; " if tls else "")
+          + f"with SRs {res['logged_sr']}); xray-serve exit {res['server_exit']}"
+          + (f" / TLS {res['server_tls_exit']}" if tls else "") + f" / SR {res['server_sr_exit']}")
     if json_path:
         Path(json_path).write_text(json.dumps(res, indent=2))
 

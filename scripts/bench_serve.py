@@ -13,8 +13,14 @@ Measured in one run, on this machine, 127.0.0.1 only, every loop bounded in requ
   Throughput, p50/p95/p99, errors (non-200, or not one prediction for the request's unique file name),
   lost (not answered in --max-seconds), the xray_batch_size histogram delta; server VmRSS at ready,
   after a warm-up burst, after each phase (>= --rss-requests requests in all).
+- HTTPS vs HTTP (--tls, the default): a second xray-serve with --tls-cert/--tls-key (a test CA from
+  make_test_pki.py; the clients verify it) beside the first; at 1 and 16 clients, --tls-rounds rounds of
+  --tls-requests each on HTTP and on HTTPS, alternated (HTTP, HTTPS, then HTTPS, HTTP, ...) so both see the same
+  machine load; keep-alive connections opened (TCP + TLS handshake) before the clock, so the latencies are
+  per request after the handshake; the handshake's own time is reported apart (connect ms).
 Goals (issue): 16 clients >= 0.9x xray-infer; 1-client p50 <= 1.3x (decode + batch-1 model); zero failed
-or lost requests; RSS growth <= 10 MB; and xray-serve exits 0 on SIGTERM.
+or lost requests; RSS growth <= 10 MB; and xray-serve exits 0 on SIGTERM. HTTPS: throughput >= 0.9x HTTP at 1
+and at 16 clients; 1-client p50 <= HTTP's + 2 ms.
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -44,6 +51,8 @@ from xray.common.imageio import image_size, load_image
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv whose python runs this: its xray-infer and xray-serve
 HOST = "127.0.0.1"
+TLS_CLIENTS = (1, 16)  # the HTTPS vs HTTP client counts
+sys.path.insert(0, str(ROOT / "scripts"))
 
 
 def make_jpegs(folder: Path, n: int, seed: int = 7) -> list[Path]:
@@ -116,8 +125,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def get(port: int, path: str, timeout: float = 10) -> tuple[int, bytes]:
-    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
+def connection(port: int, timeout: float, tls: ssl.SSLContext | None = None) -> http.client.HTTPConnection:
+    """A connection to 127.0.0.1:port, HTTPS verified against `tls` (the test CA) when given."""
+    if tls is not None:
+        return http.client.HTTPSConnection(HOST, port, timeout=timeout, context=tls)
+    return http.client.HTTPConnection(HOST, port, timeout=timeout)
+
+
+def get(port: int, path: str, timeout: float = 10, tls: ssl.SSLContext | None = None) -> tuple[int, bytes]:
+    conn = connection(port, timeout, tls)
     try:
         conn.request("GET", path)
         r = conn.getresponse()
@@ -126,13 +142,13 @@ def get(port: int, path: str, timeout: float = 10) -> tuple[int, bytes]:
         conn.close()
 
 
-def wait_ready(proc: subprocess.Popen, port: int, timeout: float) -> float:
+def wait_ready(proc: subprocess.Popen, port: int, timeout: float, tls: ssl.SSLContext | None = None) -> float:
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < timeout:
         if proc.poll() is not None:
             raise SystemExit(f"xray-serve exited with {proc.returncode} before it was ready")
         try:
-            if get(port, "/health/ready", 2)[0] == 200:
+            if get(port, "/health/ready", 2, tls)[0] == 200:
                 return time.perf_counter() - t0
         except OSError:
             pass
@@ -167,12 +183,15 @@ def batch_delta(before: dict, after: dict) -> dict:
 
 
 def load(port: int, files: list[Path], clients: int, requests: int, max_seconds: float, tag: str,
-         query: str = "") -> dict:
-    """`requests` POSTs from `clients` threads with keep-alive connections; stops at the deadline too.
-    query: e.g. "?preview=true&heatmap=true" (the clinician's views)."""
+         query: str = "", tls: ssl.SSLContext | None = None) -> dict:
+    """`requests` POSTs from `clients` threads with keep-alive connections (HTTPS with `tls`), each opened
+    before its first request (the TCP + TLS handshake timed apart: connect_ms); the clock starts when every
+    client is connected; stops at the deadline too. query: e.g. "?preview=true&heatmap=true" (the clinician's
+    views)."""
     bodies = [(f.name, f.read_bytes()) for f in files]
     lock, next_i, deadline = threading.Lock(), [0], time.monotonic() + max_seconds
-    latencies, errors = [], []
+    latencies, errors, connects, started = [], [], [], []
+    connected = threading.Barrier(clients, action=lambda: started.append(time.perf_counter()))
 
     def claim():
         with lock:
@@ -180,7 +199,18 @@ def load(port: int, files: list[Path], clients: int, requests: int, max_seconds:
         return i if i < requests and time.monotonic() < deadline else None
 
     def client():
-        conn = http.client.HTTPConnection(HOST, port, timeout=max(5.0, max_seconds))
+        conn = connection(port, max(5.0, max_seconds), tls)
+        t0 = time.perf_counter()
+        try:
+            conn.connect()  # the handshake, before the first request (keep-alive: the only one)
+            with lock:
+                connects.append(time.perf_counter() - t0)
+        except OSError:
+            conn.close()  # the first request connects again; its failure is counted there
+        try:
+            connected.wait(max(5.0, max_seconds))
+        except threading.BrokenBarrierError:
+            pass
         while (i := claim()) is not None:
             name, body = bodies[i % len(bodies)]
             name = f"{tag}-{i:05d}-{name}"  # unique: an answer meant for another request is caught
@@ -201,12 +231,37 @@ def load(port: int, files: list[Path], clients: int, requests: int, max_seconds:
     with ThreadPoolExecutor(clients) as pool:
         for f in [pool.submit(client) for _ in range(clients)]:
             f.result()
-    elapsed = time.perf_counter() - t0
+    elapsed = time.perf_counter() - (started[0] if started else t0)
     ms = np.array(latencies) * 1e3 if latencies else np.array([np.nan])
     return {"clients": clients, "planned": requests, "answered": len(latencies), "errors": len(errors),
             "lost": requests - len(latencies) - len(errors), "error_samples": sorted(set(errors))[:5],
             "elapsed_s": elapsed, "images_per_s": len(latencies) / elapsed,
-            **{f"p{q}_ms": float(np.percentile(ms, q)) for q in (50, 95, 99)}}
+            **{f"p{q}_ms": float(np.percentile(ms, q)) for q in (50, 95, 99)},
+            "connect_ms": float(np.median(connects) * 1e3) if connects else float("nan"),
+            "_latencies_ms": [float(x) for x in ms if x == x]}  # "_": not in --json
+
+
+def pooled(rounds: list[dict]) -> dict:
+    """Rounds of one protocol and client count as one figure: images/s the median of the rounds', percentiles
+    of all their latencies together, connect ms the median."""
+    ms = np.array([x for r in rounds for x in r["_latencies_ms"]] or [np.nan])
+    return {"clients": rounds[0]["clients"], "rounds": len(rounds), "planned": sum(r["planned"] for r in rounds),
+            "answered": sum(r["answered"] for r in rounds), "errors": sum(r["errors"] for r in rounds),
+            "lost": sum(r["lost"] for r in rounds),
+            "error_samples": sorted({e for r in rounds for e in r["error_samples"]})[:5],
+            "images_per_s": statistics.median(r["images_per_s"] for r in rounds),
+            "images_per_s_rounds": [r["images_per_s"] for r in rounds],
+            **{f"p{q}_ms": float(np.percentile(ms, q)) for q in (50, 95, 99)},
+            "connect_ms": statistics.median(r["connect_ms"] for r in rounds),
+            "cpu_ms_per_request": [1e3 * sum(r["_cpu_s"][k] for r in rounds)  # [server, clients]
+                                   / max(1, sum(r["answered"] for r in rounds)) for k in (0, 1)]}
+
+
+def public(obj):
+    """obj without the "_" keys (the raw latencies), for --json."""
+    if isinstance(obj, dict):
+        return {k: public(v) for k, v in obj.items() if not str(k).startswith("_")}
+    return [public(v) for v in obj] if isinstance(obj, list) else obj
 
 
 def check_answer(status: int, data: bytes, name: str) -> str | None:
@@ -222,15 +277,17 @@ def check_answer(status: int, data: bytes, name: str) -> str | None:
 
 
 @contextmanager
-def serving(model: str, server_args: tuple, ready_timeout: float, log_path: Path, res: dict):
-    """xray-serve on a free 127.0.0.1 port while the block runs; then SIGTERM (kill after 40 s) and its
-    exit code in res["server_exit"], its log in res["server_log"]."""
+def serving(model: str, server_args: tuple, ready_timeout: float, log_path: Path, res: dict, pki=None):
+    """xray-serve on a free 127.0.0.1 port while the block runs (HTTPS only with the certificates of `pki`,
+    make_test_pki.TestPki); then SIGTERM (kill after 40 s) and its exit code in res["server_exit"], its log in
+    res["server_log"]."""
     port = free_port()
+    tls_args = ("--tls-cert", pki.server.cert, "--tls-key", pki.server.key) if pki else ()
     with open(log_path, "w+") as log:
         proc = subprocess.Popen([BIN / "xray-serve", "--model", model, "--port", str(port), "--log-level", "warning",
-                                 *server_args], stdout=log, stderr=subprocess.STDOUT)
+                                 *tls_args, *server_args], stdout=log, stderr=subprocess.STDOUT)
         try:
-            res["ready_s"] = wait_ready(proc, port, ready_timeout)
+            res["ready_s"] = wait_ready(proc, port, ready_timeout, client_tls(pki) if pki else None)
             yield proc, port
         finally:
             if proc.poll() is None:
@@ -245,6 +302,40 @@ def serving(model: str, server_args: tuple, ready_timeout: float, log_path: Path
             res["server_log"] = log.read()[-3000:]
             if res["server_log"].strip():
                 print(f"xray-serve log (tail):\n{res['server_log']}")
+
+
+def client_tls(pki) -> ssl.SSLContext:
+    """The clients' context: the server verified against the test CA (its certificate names IP 127.0.0.1)."""
+    return ssl.create_default_context(cafile=str(pki.ca.cert))
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def compare_tls(http: tuple[int, int], https: tuple[int, int], tls: ssl.SSLContext, files: list[Path], requests: int,
+                rounds: int, max_seconds: float) -> dict:
+    """At each of TLS_CLIENTS: `rounds` rounds of `requests` on HTTP and on HTTPS, alternated; pooled per protocol.
+    http, https: (port, server pid). The CPU seconds of the server and of this process (the clients) are summed."""
+    out = {"requests_per_round": requests, "rounds": rounds, "http": [], "https": [],
+           "mean_upload_kb": sum(f.stat().st_size for f in files) / len(files) / 1024}
+    for c in TLS_CLIENTS:
+        got = {"http": [], "https": []}
+        for r in range(rounds):
+            for kind in ("http", "https") if r % 2 == 0 else ("https", "http"):
+                port, pid = https if kind == "https" else http
+                server0, client0 = cpu_s(pid), time.process_time()
+                phase = load(port, files, c, requests, max_seconds, f"{kind}{c}r{r}",
+                             tls=tls if kind == "https" else None)
+                phase["_cpu_s"] = (cpu_s(pid) - server0, time.process_time() - client0)
+                got[kind].append(phase)
+        for kind in got:
+            out[kind].append(pooled(got[kind]))
+        print(f"  HTTPS vs HTTP, {c} clients: {out['https'][-1]['images_per_s']:.1f} vs "
+              f"{out['http'][-1]['images_per_s']:.1f} img/s", flush=True)
+    return out
 
 
 def report(res: dict):
@@ -270,7 +361,33 @@ def report(res: dict):
               + (f"; errors: {p['error_samples']}" if p["error_samples"] else ""))
     print(f"server RSS MB: {res['rss_mb']['ready']:.1f} at ready, {res['rss_mb']['warm']:.1f} after the warm-up, "
           f"after each phase {[round(p['rss_mb_after'], 1) for p in res['phases']]} "
-          f"({res['requests_total']} requests)\n\nGoals (reported, never fail the script):")
+          f"({res['requests_total']} requests)")
+    if "tls" in res:
+        t = res["tls"]
+        print(f"\nHTTPS vs HTTP: two servers up at once, {t['rounds']} alternated rounds of {t['requests_per_round']} "
+              f"requests (mean upload {t['mean_upload_kb']:.0f} KB) per protocol and client count (img/s: the median "
+              "round; percentiles: all rounds' requests; connect: TCP + TLS handshake, before the clock; CPU ms per "
+              "request, handshakes included: the server's / the clients' (this process), both on this machine)\n")
+        print("| protocol | clients | requests | errors | img/s | p50 ms | p95 ms | p99 ms | connect ms | "
+              "CPU ms per request | img/s per round |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+        for http, https in zip(t["http"], t["https"]):
+            for label, p in (("HTTP", http), ("HTTPS", https)):
+                print(f"| {label} | {p['clients']} | {p['answered']}/{p['planned']} | {p['errors'] + p['lost']} | "
+                      f"{p['images_per_s']:.1f} | {p['p50_ms']:.1f} | {p['p95_ms']:.1f} | {p['p99_ms']:.1f} | "
+                      f"{p['connect_ms']:.2f} | {p['cpu_ms_per_request'][0]:.1f} / {p['cpu_ms_per_request'][1]:.1f} | "
+                      f"{[round(x, 1) for x in p['images_per_s_rounds']]} |")
+        print()
+        for http, https in zip(t["http"], t["https"]):
+            r = https["images_per_s"] / http["images_per_s"]
+            print(f"HTTPS / HTTP at {http['clients']} client(s): throughput {r:.3f}x (goal >= 0.9: "
+                  f"{'PASS' if r >= 0.9 else 'FAIL'}), p50 {https['p50_ms'] - http['p50_ms']:+.1f} ms"
+                  + (f" (goal <= +2 ms: {'PASS' if https['p50_ms'] <= http['p50_ms'] + 2 else 'FAIL'})"
+                     if http["clients"] == 1 else "")
+                  + (f"; errors: {https['error_samples'] + http['error_samples']}"
+                     if https["error_samples"] or http["error_samples"] else ""))
+        print(f"HTTPS server: ready in {t['server']['ready_s']:.1f} s, exit {t['server']['server_exit']} on SIGTERM")
+    print("\nGoals (reported, never fail the script):")
     for g in res["goals"]:
         print(f"- {'PASS' if g['pass'] else 'FAIL'} {g['goal']}: {g['measured']}")
     by = {p["clients"]: p for p in res["phases"]}
@@ -311,6 +428,21 @@ def goals(res: dict) -> list[dict]:
             added = v["p50_ms"] - by[1]["p50_ms"]
             out.append(("preview + heatmap add <= 25 ms p50 at 1 client", added <= 25 and v["errors"] + v["lost"] == 0,
                         f"{added:+.1f} ms ({v['p50_ms']:.1f} vs {by[1]['p50_ms']:.1f})"))
+    if "tls" in res:
+        t = res["tls"]
+        for http, https in zip(t["http"], t["https"]):
+            c, r = http["clients"], https["images_per_s"] / http["images_per_s"]
+            failed = http["errors"] + http["lost"] + https["errors"] + https["lost"]
+            out.append((f"HTTPS throughput >= 0.9x HTTP at {c} client{'s' if c > 1 else ''} (alternated rounds, no "
+                        "failed requests)", r >= 0.9 and failed == 0,
+                        f"{https['images_per_s']:.1f} / {http['images_per_s']:.1f} = {r:.3f}, {failed} failed/lost"))
+            if c == 1:
+                added = https["p50_ms"] - http["p50_ms"]
+                out.append(("HTTPS p50 <= HTTP p50 + 2 ms at 1 client (keep-alive, after the handshake)", added <= 2,
+                            f"{https['p50_ms']:.1f} vs {http['p50_ms']:.1f} ms ({added:+.1f} ms; handshake "
+                            f"{https['connect_ms']:.1f} ms vs TCP connect {http['connect_ms']:.2f} ms)"))
+        out.append(("HTTPS server exits 0 on SIGTERM", t["server"]["server_exit"] == 0,
+                    f"exit code {t['server']['server_exit']}"))
     return [{"goal": g, "pass": bool(ok), "measured": m} for g, ok, m in out]
 
 
@@ -330,9 +462,14 @@ def goals(res: dict) -> list[dict]:
 @click.option("--server-arg", "server_args", multiple=True, help="Extra xray-serve option (repeatable).")
 @click.option("--views/--no-views", default=True, show_default=True,
               help="Also run 1 and 16 clients with ?preview=true&heatmap=true (models with heatmaps).")
+@click.option("--tls/--no-tls", default=True, show_default=True,
+              help="Also HTTPS vs HTTP at 1 and 16 clients (a second xray-serve with --tls-cert/--tls-key).")
+@click.option("--tls-requests", default=300, show_default=True, help="Requests per HTTPS vs HTTP round.")
+@click.option("--tls-rounds", type=click.IntRange(min=1), default=4, show_default=True,
+              help="HTTPS vs HTTP rounds per protocol and client count, alternated.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write the figures here.")
 def main(model, files, clients, requests_per_phase, rss_requests, warmup, infer_repeats, max_seconds, ready_timeout,
-         server_args, views, json_out):
+         server_args, views, tls, tls_requests, tls_rounds, json_out):
     """xray-serve throughput, latency, batching, errors and RSS vs xray-infer on the same JPEGs."""
     counts = [int(c) for c in clients.split(",") if c.strip().isdigit() and int(c) > 0]
     if not counts:
@@ -370,10 +507,22 @@ def main(model, files, clients, requests_per_phase, rss_requests, warmup, infer_
             if views and meta.get("heatmaps"):  # the same load with both views on: their added cost
                 res["views"] = [load(port, jpegs, c, requests_per_phase, max_seconds, f"v{c}", VIEWS_QUERY)
                                 for c in counts if c in (1, 16)]
+            if tls:  # HTTPS beside this server, both idle but for the round being run
+                from make_test_pki import make_pki
+
+                pki, server = make_pki(Path(tmp) / "pki"), {}
+                log = Path(tmp) / "serve_tls.log"
+                with serving(model, server_args, ready_timeout, log, server, pki) as (tproc, tport):
+                    context = client_tls(pki)
+                    if warmup:
+                        load(tport, jpegs, max(TLS_CLIENTS), warmup, max_seconds, "tlswarmup", tls=context)
+                    res["tls"] = compare_tls((port, proc.pid), (tport, tproc.pid), context, jpegs, tls_requests,
+                                             tls_rounds, max_seconds)
+                res["tls"]["server"] = server
     res["goals"] = goals(res)
     report(res)
     if json_out:
-        Path(json_out).write_text(json.dumps(res, indent=2))
+        Path(json_out).write_text(json.dumps(public(res), indent=2))
 
 
 if __name__ == "__main__":
