@@ -5,10 +5,11 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TRACKERS := $(VENV)/.trackers
+DOCS   := $(VENV)/.docs
 ARM64  := $(VENV)/arm64
 PYTEST_ARGS ?=
 
-.PHONY: test test-tools install demo clean
+.PHONY: test test-tools install demo docs clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +42,15 @@ $(TRACKERS): $(STAMP)
 	$(PY) -m pip install --quiet -e '.[train,dicom,serve,dev,mlflow,wandb]'
 	touch $(TRACKERS)
 
+# the documentation site's tools (mkdocs-material): make docs and the tests' strict build; make demo does not pay
+$(DOCS): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[docs]'
+	touch $(DOCS)
+
+# make docs: the manual in docs/ as a site in build/site/ (offline: no CDN font or script); a broken link fails
+docs: $(DOCS)
+	$(VENV)/bin/mkdocs build --strict
+
 # an arm64 Debian root with this venv's numpy + onnxruntime as aarch64 wheels (about a minute)
 $(ARM64): $(STAMP) | test-tools
 	PYTHON=$(PY) scripts/arm64_root.sh $(ARM64)
@@ -51,7 +61,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) scripts/demo.py $(if $(FRESH),--fresh,) $(DEMO_ARGS)
 
-test: $(STAMP) $(TRACKERS) test-tools $(ARM64)
+test: $(STAMP) $(TRACKERS) $(DOCS) test-tools $(ARM64)
 	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
 
 clean:
