@@ -18,7 +18,7 @@ $(PY):
 $(STAMP): pyproject.toml Makefile | $(PY)
 	$(PY) -m pip install --quiet -e '.[train,dicom,serve,dev]'
 	# wheels of the edge install, so the no-torch venv test runs offline
-	$(PY) -m pip download --quiet --only-binary=:all: -d $(VENV)/edge-wheels onnxruntime numpy pillow click \
+	$(PY) -m pip download --quiet --only-binary=:all: -d $(VENV)/edge-wheels onnxruntime numpy pillow click pyyaml \
 		fastapi uvicorn python-multipart prometheus-client httptools uvloop fastapi-offline
 	touch $(STAMP)
 

@@ -6,6 +6,7 @@ from contextlib import contextmanager, nullcontext
 
 import click
 
+from xray.common.cli_config import config_option
 from xray.common.errors import EXIT_FAILURE, EXIT_OK, XrayError, exit_on_user_error
 from xray.common.imageio import DEFAULT_MAX_PIXELS
 
@@ -26,8 +27,9 @@ are still in the output); 2 nothing could run (no inputs, bad model, bad option)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EPILOG)
+@config_option
 @click.argument("inputs", nargs=-1, metavar="IMAGE_OR_FOLDER...")
-@click.option("--model", "-m", "model_path", metavar="PATH",
+@click.option("--model", "-m", "model_path", metavar="PATH", type=click.Path(),
               help="ONNX model written by xray-export, or its export folder, or models:/NAME/VERSION (registered "
                    "by xray-export --register; needs MLflow and MLFLOW_TRACKING_URI).")
 @click.option("--precision", type=click.Choice(["auto", "int8", "fp32"]), default="auto", show_default=True,

@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 import uvicorn
 
+from xray.common.cli_config import config_option
 from xray.common.errors import EXIT_FAILURE, EXIT_OK, XrayError, exit_on_user_error
 from xray.common.imageio import DEFAULT_MAX_PIXELS
 
@@ -45,7 +46,8 @@ DIR/results.jsonl and --audit FILE (after logrotate moved them) and re-read the 
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EPILOG)
-@click.option("--model", "-m", "model_path", metavar="PATH",
+@config_option
+@click.option("--model", "-m", "model_path", metavar="PATH", type=click.Path(),
               help="ONNX model from xray-export, or its export folder, or models:/NAME/VERSION (MLflow's registry).")
 @click.option("--precision", type=click.Choice(["auto", "int8", "fp32"]), default="auto", show_default=True,
               help="Which model of an export folder: auto picks the faster one on this CPU.")

@@ -63,7 +63,7 @@ def run(tmp_path_factory, synthetic_raw):
     base = tmp_path_factory.mktemp("export")
     run_script("split_dataset", "--raw", synthetic_raw, "--out", base / "data")
     args = ["--data-dir", base / "data", "--output-dir", base, "--run-name", "lite", "--image-size", 64,
-            "--batch-size", 16, "--workers", 0, "--phases", "A", "--epochs-a", 3, "--lr-a", 3e-3]
+            "--batch-size", 16, "--workers", 0, "--phases", "A", "--epochs-a", 3, "--lr-a", 3e-3, "--report-to", "none"]
     run_command([sys.executable, ROOT / "train" / "main.py", *args])
     return base / "lite"
 

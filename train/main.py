@@ -295,7 +295,8 @@ def phase_options(f):
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @config_option
-@click.option("--data-dir", default="data", show_default=True, help="Folder with train/ val/ test/ class folders.")
+@click.option("--data-dir", type=click.Path(file_okay=False), default="data", show_default=True,
+              help="Folder with train/ val/ test/ class folders.")
 @click.option("--model", "model_name", default="efficientnet_lite0", show_default=True,
               type=click.Choice(list(REGISTRY)))
 @click.option("--image-size", type=click.IntRange(32, 1024), default=None, help="Input size (default: the model's).")
@@ -303,7 +304,8 @@ def phase_options(f):
               help="Local ImageNet state dict for the backbone (loaded with weights_only=True).")
 @click.option("--no-pretrained", is_flag=True, help="Random initialisation (no ImageNet weights).")
 @click.option("--phases", default="A,B", show_default=True, help="A, B or A,B.")
-@click.option("--init", "init_path", default=None, help="Start from this checkpoint (e.g. --phases B --init runs/x).")
+@click.option("--init", "init_path", type=click.Path(), default=None,
+              help="Start from this checkpoint (e.g. --phases B --init runs/x).")
 @phase_options
 @click.option("--unfreeze-blocks", default="default", show_default=True,
               help="Phase B: number of last backbone blocks to unfreeze, or 'all'.")
@@ -325,12 +327,13 @@ def phase_options(f):
 @click.option("--patience", default=3, show_default=True, type=click.IntRange(0), help="Early stopping (0: off).")
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(0))
 @click.option("--seed", default=42, show_default=True, type=int)
-@click.option("--output-dir", default="runs", show_default=True)
+@click.option("--output-dir", type=click.Path(file_okay=False), default="runs", show_default=True)
 @click.option("--run-name", default=None, help="Default: <model>-<timestamp>.")
 @click.option("--checkpoint-every", default=0, show_default=True, type=click.IntRange(0),
               help="Also save last/ every N optimizer steps (0: each epoch only).")
-@click.option("--report-to", multiple=True, type=click.Choice(TRACKERS),
-              help="Also log the config and every epoch through accelerate's trackers (repeatable): tensorboard "
+@click.option("--report-to", multiple=True, type=click.Choice([*TRACKERS, "none"]),
+              help="Also log the config and every epoch through accelerate's trackers (repeatable; none: no "
+                   "tracking, the default): tensorboard "
                    "(runs/<run>/tensorboard), mlflow (sqlite:///<output-dir>/mlflow.db unless MLFLOW_TRACKING_URI), "
                    "wandb (offline unless WANDB_MODE).")
 @click.option("--oversample", type=click.Path(dir_okay=False),
@@ -338,10 +341,15 @@ def phase_options(f):
                    "from an evaluation of data/train; files outside the train split are ignored).")
 @click.option("--oversample-factor", default=2, show_default=True, type=click.IntRange(2),
               help="Times each listed image appears per epoch.")
-@click.option("--resume", "resume_dir", default=None, help="Continue the interrupted run in this folder.")
+@click.option("--resume", "resume_dir", type=click.Path(file_okay=False), default=None,
+              help="Continue the interrupted run in this folder.")
 @exit_on_user_error
 def main(**o):
     """Two-phase transfer learning (frozen backbone, then partial unfreeze)."""
+    if "none" in o["report_to"]:  # --report-to none: say no tracking out loud (a config can set it too)
+        if len(o["report_to"]) > 1:
+            raise XrayError("--report-to none goes alone (it means no tracker)")
+        o["report_to"] = ()
     tune_malloc()
     acc = make_accelerator(o["grad_accum"], o["output_dir"])
     try:
@@ -450,8 +458,7 @@ def train(acc: Accelerator, o: dict):
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(cfg, indent=2))
         if not (run_dir / "config.yaml").exists():  # the options, for --config (a resumed run keeps its own)
-            save_config(o, run_dir / "config.yaml", leave_out=("run_name", "output_dir", "resume_dir"),
-                        order=[p.name for p in main.params])
+            save_config(o, run_dir / "config.yaml", main, leave_out=("run_name", "output_dir", "resume_dir"))
         run.print(f"run {run_dir}: {cfg['model']}, classes {run.classes}, {len(run.train_samples)} train / "
                   f"{len(run.val_samples)} val / {len(run.test_samples)} test images, {acc.num_processes} process(es) "
                   f"on {acc.device.type}")
