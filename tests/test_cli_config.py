@@ -157,3 +157,27 @@ def test_report_to_none_goes_alone():
                            "mlflow"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         "error: --report-to none goes alone (it means no tracker)"], proc.stderr
+
+
+def test_the_training_docs_example_config_is_one_the_trainer_reads(tmp_path):
+    """docs/training.md's run.yaml, read by the real trainer (--config before --help: every key checked, no run)."""
+    import re
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    text = (ROOT / "docs" / "training.md").read_text()
+    import textwrap
+
+    blocks = [textwrap.dedent(b) for b in re.findall(r"```yaml\n(.*?)^\s*```", text, re.S | re.M)]
+    (block,) = [b for b in blocks if b.startswith("# run.yaml")]
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(block)
+    ok = subprocess.run([sys.executable, str(ROOT / "train" / "main.py"), "--config", str(cfg), "--help"],
+                        capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0 and "Usage:" in ok.stdout, ok.stderr
+    cfg.write_text(block.replace("epochs-a:", "epoch-a:"))
+    bad = subprocess.run([sys.executable, str(ROOT / "train" / "main.py"), "--config", str(cfg), "--help"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "did you mean 'epochs-a'?" in bad.stderr, bad.stderr
