@@ -9,7 +9,7 @@ DOCS   := $(VENV)/.docs
 ARM64  := $(VENV)/arm64
 PYTEST_ARGS ?=
 
-.PHONY: test test-tools install demo docs clean
+.PHONY: test test-tools install demo docs screenshots clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,12 @@ $(DOCS): $(STAMP)
 # make docs: the manual in docs/ as a site in build/site/ (offline: no CDN font or script); a broken link fails
 docs: $(DOCS)
 	$(VENV)/bin/mkdocs build --strict
+
+# make screenshots: docs/serve_page.png from the demo model's page in Chromium (after make demo; look at it before
+# committing it)
+screenshots: $(STAMP) test-tools
+	test -d runs/demo/export || { echo "error: no runs/demo/export: run make demo first" >&2; exit 2; }
+	$(PY) scripts/screenshot_page.py --model runs/demo/export --out docs/serve_page.png
 
 # an arm64 Debian root with this venv's numpy + onnxruntime as aarch64 wheels (about a minute)
 $(ARM64): $(STAMP) | test-tools
