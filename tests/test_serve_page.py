@@ -3,6 +3,8 @@ upload images through the file input, wait for the answers, check them against /
 pixels the browser drew (films, heatmaps, the enlarged view). Screenshots land in build/screenshots/."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import requests
 from browser import chromium
@@ -34,6 +36,16 @@ def page_images(tmp_path_factory):
     return files, bad
 
 
+def shown_percent(p: float) -> str:
+    """What the page shows for a probability (app.js `percent`): one decimal, never 100.0 % or 0.0 %."""
+    text = f"{100 * p:.1f}"
+    if p >= 0.9995 or text == "100.0":
+        return "> 99.9 %"
+    if p < 0.0005 or text in ("0.0", "-0.0"):
+        return "< 0.1 %"
+    return text + " %"
+
+
 def wait_for(driver, condition, timeout=60):
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -61,12 +73,12 @@ def test_page_uploads_images_and_shows_the_service_answers(browser, tiny_onnx, p
             card = shown[path.name]
             assert card.get_attribute("data-prediction") == want["prediction"]
             assert float(card.get_attribute("data-probability")) == pytest.approx(want["probability"], abs=1e-9)
-            assert card.find_element(By.CLASS_NAME, "pred").text == f"{want['prediction']} {want['probability']:.1%}"
+            assert card.find_element(By.CLASS_NAME, "pred").text == f"{want['prediction']} {shown_percent(want['probability'])}"
             bars = card.find_elements(By.CLASS_NAME, "bar")
             assert [b.find_element(By.CLASS_NAME, "cls").text for b in bars] == ["NORMAL", "PNEUMONIA", "TUBERCULOSIS"]
             for bar in bars:
                 p = want["probabilities"][bar.find_element(By.CLASS_NAME, "cls").text]
-                assert bar.find_element(By.CLASS_NAME, "value").text == f"{p:.1%}"
+                assert bar.find_element(By.CLASS_NAME, "value").text == shown_percent(p)
             # a DICOM file no browser shows: the server's rendering; the rest: the browser's own copy
             assert card.get_attribute("data-view") == ("preview" if path.suffix == ".dcm" else "browser")
             thumb = card.find_element(By.CLASS_NAME, "base")
@@ -200,7 +212,7 @@ def test_page_shows_each_film_with_its_heatmap_and_does_not_assess_what_the_guar
         assert all(b.is_displayed() for b in bars)
         want = requests.post(s.url + "/v1/predict", data=f["noise"].read_bytes(),
                              headers={"Content-Type": "image/png"}).json()["predictions"][0]["probabilities"]
-        assert [b.find_element(By.CLASS_NAME, "value").text for b in bars] == [f"{want[c]:.1%}" for c in classes]
+        assert [b.find_element(By.CLASS_NAME, "value").text for b in bars] == [shown_percent(want[c]) for c in classes]
 
         dicom = shown[f["dicom"].name]  # no browser shows DICOM: the server's rendering, a real picture
         assert dicom.get_attribute("data-view") == "preview"
@@ -289,6 +301,137 @@ def test_enlarging_shows_full_resolution_with_zoom_and_pan_from_mouse_or_keyboar
         assert "server's rendering" in browser.find_element(By.ID, "vnote").text
         browser.find_element(By.ID, "vclose").click()
         wait_for(browser, lambda d: viewer.get_attribute("open") is None)
+
+
+EXTREME = re.compile(r"\b100\.0 ?%|\b0\.0 ?%")  # what a calibrated model's probability never reads
+GENERIC_LEGEND = "Colour = where the model looked for this class, strongest in red."
+PER_IMAGE_NOTE = "(scaled per image: colours are not comparable between images or classes)"
+# the server as a sure model would answer it, and a metadata `heatmap` field: wraps the page's fetch
+MOCK_LEGEND = "Mock legend: red is where this model looked hardest."
+MOCK_SERVER = """(() => {
+  const real = window.fetch;
+  window.fetch = async (url, options) => {
+    const r = await real(url, options), path = String(url);
+    if (!r.ok || !(path.startsWith("/v1/metadata") || path.startsWith("/v1/predict"))) return r;
+    const body = await r.json();
+    if (path.startsWith("/v1/metadata")) body.heatmap = {scale: "per_image", value: null, legend: "MOCK_LEGEND"};
+    for (const rec of body.predictions || []) {
+      Object.keys(rec.probabilities).forEach((k, i) => { rec.probabilities[k] = k === rec.prediction ? 1 : i % 2 ? 0 : 3e-7; });
+      rec.probability = 1;
+    }
+    return new Response(JSON.stringify(body), {status: r.status, headers: r.headers});
+  };
+})();""".replace("MOCK_LEGEND", MOCK_LEGEND)
+
+
+@pytest.fixture(scope="module")
+def viewer_films(tmp_path_factory):
+    """A 336 px film (smaller than the enlarged view) and a 2000 px one (larger)."""
+    root = tmp_path_factory.mktemp("viewer_films")
+    return (save_mode(radiograph(336, seed=5), "png8", root / "film_336px"),
+            save_mode(radiograph(2000, seed=6), "png8", root / "film_2000px"))
+
+
+def open_fitted(browser, card) -> float:
+    """Enlarge a card's film; it opens fitted to the stage (one side equal, the other inside) with the zoom
+    readout saying by how much. Returns the scale."""
+    from selenium.webdriver.common.by import By
+
+    card.find_element(By.CLASS_NAME, "film").click()
+    viewer = browser.find_element(By.ID, "viewer")
+    wait_for(browser, lambda d: viewer.get_attribute("open") is not None and viewer.get_attribute("data-scale"))
+    w, h, stage_w, stage_h = browser.execute_script(
+        "const r = document.getElementById('vbase').getBoundingClientRect(), s = document.getElementById('stage');"
+        "return [r.width, r.height, s.clientWidth, s.clientHeight]")
+    assert (abs(w - stage_w) <= 2 and h <= stage_h + 2) or (abs(h - stage_h) <= 2 and w <= stage_w + 2), \
+        (w, h, stage_w, stage_h)
+    scale = float(viewer.get_attribute("data-scale"))
+    assert browser.find_element(By.ID, "vzoom").text == f"{int(100 * scale + 0.5)}%" != "100%"
+    return scale
+
+
+def close_viewer(browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    browser.find_element(By.ID, "stage").send_keys(Keys.ESCAPE)
+    wait_for(browser, lambda d: d.find_element(By.ID, "viewer").get_attribute("open") is None)
+
+
+def test_probabilities_never_read_100_or_0_the_view_opens_fitted_and_heatmaps_have_a_legend(browser, cam_onnx,
+                                                                                            viewer_films):
+    """Issue items 4-6 on the page: every shown probability through one formatter ("> 99.9 %", "< 0.1 %" at the
+    ends; the API keeps the numbers); the enlarged view opens fitted to the window, a 336 px film enlarged and a
+    2000 px one shrunk; a heatmap carries a legend (the ramp, low / high, /v1/metadata's sentence or a generic
+    one, and a warning when colours are scaled per image). Then the same page against a mocked server that is
+    sure of everything and sends its own legend."""
+    from selenium.webdriver.common.by import By
+
+    small, big = viewer_films
+    page_text = "return document.body.textContent"
+    with Server("--model", cam_onnx) as s:
+        heat = requests.get(s.url + "/v1/metadata").json().get("heatmap") or {}  # absent: a server before it
+        browser.get(s.url + "/")
+        wait_for(browser, lambda d: "efficientnet" in d.find_element(By.ID, "model").text)
+        values = [1, 0.9995, 0.99949, 0.5, 0.1234, 0.0005, 0.00049, 3e-9, 0]
+        assert browser.execute_script("return arguments[0].map(window.xrayFormat.percent)", values) == \
+            ["> 99.9 %", "> 99.9 %", "99.9 %", "50.0 %", "12.3 %", "0.1 %", "< 0.1 %", "< 0.1 %", "< 0.1 %"] == \
+            [shown_percent(p) for p in values]
+        browser.find_element(By.ID, "files").send_keys(f"{small}\n{big}")
+        cards = wait_for(browser, lambda d: (c := d.find_elements(By.CSS_SELECTOR, ".card[data-prediction]"))
+                         and len(c) == 2 and c)
+        for card in cards:
+            legend = card.find_element(By.CLASS_NAME, "legend")
+            assert not legend.is_displayed()  # no colours shown, nothing to explain
+            card.find_element(By.CLASS_NAME, "heat-toggle").click()
+            assert legend.is_displayed() and (heat.get("legend") or GENERIC_LEGEND) in legend.text
+            assert "low" in legend.text and "high" in legend.text
+            assert (PER_IMAGE_NOTE in legend.text) == (heat.get("scale") == "per_image")
+            ramp = legend.find_element(By.CLASS_NAME, "ramp")
+            assert "linear-gradient" in ramp.value_of_css_property("background-image") and ramp.size["width"] > 40
+        assert not EXTREME.search(browser.execute_script(page_text))
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        browser.save_screenshot(str(SCREENSHOTS / "serve_page_legend.png"))
+
+        shown = {c.get_attribute("data-file"): c for c in cards}
+        fitted = open_fitted(browser, shown[small.name])
+        assert fitted > 1.5  # 336 px enlarged to the window, not shown at 100 %
+        assert (heat.get("legend") or GENERIC_LEGEND) in browser.find_element(By.ID, "vlegend").text
+        browser.find_element(By.ID, "vheat").click()  # heatmap off: the legend goes with it
+        assert not browser.find_element(By.ID, "vlegend").is_displayed()
+        browser.find_element(By.ID, "vheat").click()
+        browser.find_element(By.ID, "zin").click()
+        browser.find_element(By.ID, "zfit").click()  # Fit: the same fit-to-window, upwards too
+        assert float(browser.find_element(By.ID, "viewer").get_attribute("data-scale")) == pytest.approx(fitted)
+        close_viewer(browser)
+        assert open_fitted(browser, shown[big.name]) < 0.5  # 2000 px shrunk to the window
+        close_viewer(browser)
+
+        mock = browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": MOCK_SERVER})
+        try:
+            browser.get(s.url + "/")
+            wait_for(browser, lambda d: "efficientnet" in d.find_element(By.ID, "model").text)
+            browser.find_element(By.ID, "files").send_keys(str(small))
+            card = wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, ".card[data-prediction]"))[0]
+            assert card.get_attribute("data-probability") == "1"  # the page got the mocked answer
+            assert card.find_element(By.CLASS_NAME, "pred").text == card.get_attribute("data-prediction") + " > 99.9 %"
+            assert sorted(v.text for v in card.find_elements(By.CSS_SELECTOR, ".bar .value")) == \
+                ["< 0.1 %", "< 0.1 %", "> 99.9 %"]
+            top = card.find_element(By.CSS_SELECTOR, ".bar.top")  # the bar's width is the number itself
+            assert top.find_element(By.CLASS_NAME, "fill").size["width"] == \
+                pytest.approx(top.find_element(By.CLASS_NAME, "track").size["width"], abs=1)
+            card.find_element(By.CLASS_NAME, "heat-toggle").click()
+            legend = card.find_element(By.CLASS_NAME, "legend").text
+            assert MOCK_LEGEND in legend and PER_IMAGE_NOTE in legend and GENERIC_LEGEND not in legend
+            assert not EXTREME.search(browser.execute_script(page_text))
+            assert open_fitted(browser, card) > 1.5
+            assert browser.find_element(By.ID, "vheading").text.endswith(" > 99.9 %")
+            assert PER_IMAGE_NOTE in browser.find_element(By.ID, "vlegend").text
+            SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+            browser.save_screenshot(str(SCREENSHOTS / "viewer_fitted_336px.png"))
+            close_viewer(browser)
+        finally:
+            browser.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument", {"identifier": mock["identifier"]})
 
 
 def test_docs_render_offline_in_the_browser(browser, tiny_onnx):

@@ -18,7 +18,18 @@ function el(tag, cls, text) {
   return e;
 }
 
-function pct(p) { return (100 * p).toFixed(1) + "%"; }
+/** Every probability the page shows goes through here: one decimal, but never "100.0 %" or "0.0 %" (a calibrated
+ * model is never that sure): p >= 0.9995 reads "> 99.9 %", p < 0.0005 "< 0.1 %". The API keeps the numbers
+ * (and the bars' widths use them). */
+function percent(p) {
+  const s = (100 * p).toFixed(1);
+  if (p >= 0.9995 || s === "100.0") return "> 99.9 %";
+  if (p < 0.0005 || s === "0.0" || s === "-0.0") return "< 0.1 %";
+  return s + " %";
+}
+/** A share of images counted (verified accuracy, the guard's acceptance): all or none is exact, not rounded. */
+function share(x) { return x === 1 ? "100 %" : x === 0 ? "0 %" : percent(x); }
+window.xrayFormat = Object.freeze({ percent });  // for the page tests
 function capital(s) { return s.charAt(0).toUpperCase() + s.slice(1); }
 
 async function loadMetadata() {
@@ -30,17 +41,38 @@ async function loadMetadata() {
   const v = meta.verification || {};
   const acc = v["onnx_" + meta.precision + "_accuracy"];
   $("model").textContent = `${meta.model_name} · ${meta.precision} · classes: ${meta.classes.join(", ")}` +
-    (acc !== undefined ? ` · verified accuracy ${pct(acc)} on ${v.images} held-out images` : "");
+    (acc !== undefined ? ` · verified accuracy ${share(acc)} on ${v.images} held-out images` : "");
   $("notice").textContent = meta.notice;
   const facts = $("facts");
   facts.replaceChildren();
   const rows = [["model file", meta.file], ["checkpoint sha256", meta.checkpoint_sha256], ["exported", meta.export_date],
     ["input", `${meta.image_spec.input_size} px, ${meta.image_spec.resize_mode}`],
-    ["out-of-distribution guard", meta.ood_guard ? `${meta.ood_guard.score}, accepts ${pct(meta.ood_guard.accept)} of in-distribution images` : "none"],
+    ["out-of-distribution guard", meta.ood_guard ? `${meta.ood_guard.score}, accepts ${share(meta.ood_guard.accept)} of in-distribution images` : "none"],
     ["heatmaps", meta.heatmaps ? "class activation maps" : "none (re-export with a current xray-export)"],
     ["why this model", meta.chosen_because || "the only one given"], ["onnxruntime", meta.onnxruntime]];
   for (const [k, val] of Object.entries(v)) rows.push(["verification: " + k, typeof val === "number" ? +val.toPrecision(4) : val]);
   for (const [k, val] of rows) { facts.append(el("dt", "", k), el("dd", "", String(val))); }
+}
+
+// ------------------------------------------------------------------ the heatmap's legend
+
+const LEGEND_GENERIC = "Colour = where the model looked for this class, strongest in red.";
+const LEGEND_PER_IMAGE = "(scaled per image: colours are not comparable between images or classes)";
+
+/** The legend's parts: the colour ramp (style.css draws it) labelled low / high, the server's sentence
+ * (/v1/metadata `heatmap.legend`; a generic one from a server without it) and, for maps scaled per image, why
+ * colours cannot be compared. */
+function legendParts() {
+  const h = (meta && meta.heatmap) || {};
+  const ramp = el("span", "ramp-row");
+  const bar = el("span", "ramp");
+  bar.setAttribute("role", "img");
+  bar.setAttribute("aria-label", "colour scale: blue low, cyan, yellow, red high");
+  ramp.append(el("span", "lo", "low"), bar, el("span", "hi", "high"));
+  const words = el("span", "legend-words");
+  words.append(el("span", "legend-text", typeof h.legend === "string" && h.legend ? h.legend : LEGEND_GENERIC));
+  if (h.scale === "per_image") words.append(" ", el("span", "legend-note", LEGEND_PER_IMAGE));
+  return [ramp, words];
 }
 
 // ------------------------------------------------------------------ cards
@@ -78,7 +110,9 @@ function card(file, own) {
   const tl = el("label"), ol = el("label");
   tl.append(toggle, " heatmap ", el("span", "heat-class"));
   ol.append("opacity ", opacity);
-  controls.append(tl, ol);
+  const legend = el("div", "legend");
+  legend.hidden = true;
+  controls.append(tl, ol, legend);
   toggle.addEventListener("change", () => setHeat(c, toggle.checked, c.view.opacity));
   opacity.addEventListener("input", () => setHeat(c, c.view.on, +opacity.value));
 
@@ -104,6 +138,7 @@ function setHeat(c, on, opacity) {
   const layer = c.querySelector(".heat");
   layer.hidden = !c.view.on;
   layer.style.opacity = opacity / 100;
+  c.querySelector(".legend").hidden = !c.view.on;  // what the colours mean, while they show
   c.querySelector(".heat-toggle").checked = c.view.on;
   c.querySelector(".opacity").value = opacity;
   c.dataset.heatmapOn = c.view.on ? "true" : "false";
@@ -116,9 +151,9 @@ function bars(probabilities) {
   for (const [cls, p] of Object.entries(probabilities)) {
     const row = el("div", "bar" + (cls === best ? " top" : ""));
     const track = el("div", "track"), fill = el("div", "fill");
-    fill.style.width = pct(p);
+    fill.style.width = 100 * p + "%";  // the number itself, not its label
     track.append(fill);
-    row.append(el("span", "cls", cls), track, el("span", "value", pct(p)));
+    row.append(el("span", "cls", cls), track, el("span", "value", percent(p)));
     row.title = `${cls}: ${p}`;
     box.append(row);
   }
@@ -145,7 +180,7 @@ function show(c, rec) {
     anyway.append(el("summary", "", "show anyway"), bars(rec.probabilities));
     body.append(anyway);
   } else {
-    pred.textContent = rec.probability === null ? rec.prediction : `${rec.prediction} ${pct(rec.probability)}`;
+    pred.textContent = rec.probability === null ? rec.prediction : `${rec.prediction} ${percent(rec.probability)}`;
     body.append(bars(rec.probabilities));
   }
   if (rec.heatmap) {
@@ -153,6 +188,7 @@ function show(c, rec) {
     c.dataset.heatmapClass = rec.heatmap_class;
     c.querySelector(".heat").src = rec.heatmap;
     c.querySelector(".heat-class").textContent = "(" + rec.heatmap_class + ")";
+    c.querySelector(".legend").replaceChildren(...legendParts());
     c.querySelector(".heatctls").hidden = false;
     setHeat(c, false, c.view.opacity);
   } else if (meta && meta.heatmaps) {
@@ -195,7 +231,7 @@ async function classify(files) {
 
 // ------------------------------------------------------------------ the enlarged view: zoom and pan
 
-const viewer = { card: null, scale: 1, x: 0, y: 0, drag: null };
+const viewer = { card: null, scale: 1, x: 0, y: 0, drag: null, fitted: false };
 
 function naturalSize() { const b = $("vbase"); return [b.naturalWidth || 1, b.naturalHeight || 1]; }
 
@@ -205,27 +241,32 @@ function place() {
   $("viewer").dataset.scale = viewer.scale;
 }
 
+/** The whole image in the stage, as large as it goes: a 2000 px film shrunk, a 336 px one enlarged. */
 function fit() {
   const [w, h] = naturalSize(), stage = $("stage");
-  viewer.scale = Math.min(stage.clientWidth / w, stage.clientHeight / h, 1);
+  viewer.scale = Math.min(stage.clientWidth / w, stage.clientHeight / h);
   viewer.x = (stage.clientWidth - w * viewer.scale) / 2;
   viewer.y = (stage.clientHeight - h * viewer.scale) / 2;
   place();
+  viewer.fitted = true;  // until a zoom or a pan: a resized window (or a taller toolbar) fits again
 }
 
 function zoom(factor, cx, cy) {  // about the stage point (cx, cy); default: its centre
   const stage = $("stage");
   cx = cx ?? stage.clientWidth / 2; cy = cy ?? stage.clientHeight / 2;
-  const scale = Math.min(16, Math.max(0.05, viewer.scale * factor));
+  // 5 % to 16x, or beyond where the fitted view already is (a tiny image fitted, a huge one)
+  const scale = Math.min(Math.max(16, viewer.scale), Math.max(Math.min(0.05, viewer.scale), viewer.scale * factor));
   viewer.x = cx - (cx - viewer.x) * scale / viewer.scale;
   viewer.y = cy - (cy - viewer.y) * scale / viewer.scale;
   viewer.scale = scale;
+  viewer.fitted = false;
   place();
 }
 
 function syncViewer() {
   const c = viewer.card;
   $("vlayer").hidden = !c.view.on;
+  $("vlegend").hidden = !c.view.on;
   $("vlayer").style.opacity = c.view.opacity / 100;
   $("vheat").checked = c.view.on;
   $("vopacity").value = c.view.opacity;
@@ -235,6 +276,7 @@ function refreshViewer(c) {  // also when the answer arrives while the film is a
   $("vheading").textContent = c.querySelector(".pred").textContent;
   $("vheading").classList.toggle("flagged", c.classList.contains("ood"));
   for (const e of document.querySelectorAll("#viewer .heatctl")) e.hidden = !c.view.layer;
+  $("vlegend").replaceChildren(...(c.view.layer ? legendParts() : []));
   $("vlayer").src = c.view.layer || "";
   syncViewer();
 }
@@ -245,13 +287,15 @@ function openViewer(c) {
   base.alt = c.dataset.file;
   $("vtitle").textContent = c.dataset.file;
   refreshViewer(c);
+  viewer.fitted = false;
+  delete $("viewer").dataset.scale;  // set again once the image is fitted
   base.onload = () => {
     $("vstack").style.width = base.naturalWidth + "px";
     $("vstack").style.height = base.naturalHeight + "px";
     $("vnote").textContent = (c.dataset.view === "browser" ? "Your file as the browser shows it" :
       "The server's rendering of the file as the model read it (DICOM window and inversion applied), shrunk") +
       `: ${base.naturalWidth} × ${base.naturalHeight} px.` + (c.view.layer ? " The heatmap is where the model looked for its class." : "");
-    fit();
+    fit();  // opens fitted to the window, whatever the image's size
   };
   base.src = c.view.base;
   $("viewer").showModal();
@@ -281,14 +325,16 @@ stage.addEventListener("pointerdown", (e) => {
 stage.addEventListener("pointermove", (e) => {
   if (!viewer.drag || viewer.drag.id !== e.pointerId) return;
   viewer.x = e.clientX - viewer.drag.x; viewer.y = e.clientY - viewer.drag.y;
+  viewer.fitted = false;
   place();
 });
+new ResizeObserver(() => { if (viewer.card && viewer.fitted && $("vbase").complete) fit(); }).observe(stage);
 for (const end of ["pointerup", "pointercancel"]) {
   stage.addEventListener(end, () => { viewer.drag = null; stage.classList.remove("dragging"); });
 }
 stage.addEventListener("keydown", (e) => {
   const step = 60, moves = { ArrowLeft: [step, 0], ArrowRight: [-step, 0], ArrowUp: [0, step], ArrowDown: [0, -step] };
-  if (e.key in moves) { viewer.x += moves[e.key][0]; viewer.y += moves[e.key][1]; place(); }
+  if (e.key in moves) { viewer.x += moves[e.key][0]; viewer.y += moves[e.key][1]; viewer.fitted = false; place(); }
   else if (e.key === "+" || e.key === "=") zoom(1.25);
   else if (e.key === "-") zoom(0.8);
   else if (e.key === "0") fit();
