@@ -64,7 +64,9 @@ from xray.common.errors import EXIT_FAILURE, XrayError, exit_on_user_error
                    "on the val split by minimum NLL, in both graphs.")
 @click.option("--register", metavar="NAME",
               help="Log the export to the run's MLflow run (a run trained with --report-to mlflow) and, when it "
-                   "passes its gate, register the export folder as a version of the model NAME.")
+                   "passes its gate, register the export folder as a version of the model NAME. An int8 model that "
+                   "failed the gate (--allow-drop) is left out: that version holds model.onnx only, tagged "
+                   "xray.int8=rejected.")
 @exit_on_user_error
 def main(run_dir, checkpoint, output_dir, data_dir, eval_split, calibration_images, calibration_method, calibration_dir,
          max_accuracy_drop, min_agreement, allow_drop, parity_tolerance, threads, latency_runs, bias_correction_images,
@@ -97,10 +99,8 @@ def main(run_dir, checkpoint, output_dir, data_dir, eval_split, calibration_imag
     if register:
         from .register import register_export
 
-        version = register_export(saved, out, register, ok)
-        click.echo(f"MLflow: {register} version {version} (run {saved['run_id']}, {saved['tracking_uri']})" if version
-                   else f"MLflow: the rejected export is logged to run {saved['run_id']} (export-rejected/), not "
-                        "registered", err=not version)
+        registered = register_export(saved, out, register, ok)
+        click.echo(registered.line, err=registered.version is None)
     sys.exit(0 if ok else EXIT_FAILURE)
 
 
