@@ -19,6 +19,7 @@ from xray.common.probes import probe_sets
 from xray.train.checkpoint import load_checkpoint
 from xray.train.data import scan_split
 
+from . import cam_scale
 from .calibrate import before_after, choose_temperature
 from .edge_graph import OUTPUT_NAMES, EdgeGraph
 from .onnx_export import export_onnx, set_metadata
@@ -150,6 +151,10 @@ def run_export(o: ExportOptions) -> bool:
                            f"decisions agree {ood_agreement * 100:.2f}%"
                            + "".join(f"; {p}" for p in portability["problems"]) + ") and was kept because of --allow-drop")
 
+    # the heatmaps' one scale per model file, from its own maps of the val split (export/cam_scale.py)
+    cam_scales = {k: cam_scale.measure(sessions[k], [p for p, _ in val_samples], spec, classes)
+                  for k in ("onnx_fp32", "onnx_int8")}
+    say(cam_scale.summary(cam_scales))
     say(f"latency: batch 1 and 16, {o.threads} threads")
     latency = {"threads": o.threads, "runs": o.latency_runs}
     for name, sess in ((k, sessions[k]) for k in ("onnx_fp32", "onnx_int8")):
@@ -175,9 +180,11 @@ def run_export(o: ExportOptions) -> bool:
                                     **{f"{k}_ece": v["after"]["ece"] for k, v in calibration["eval"].items()}},
                     "onnxruntime": onnxruntime.__version__}
     info = ModelInfo(classes=classes, spec=spec, model_name=meta["model_name"], checkpoint_sha256=sha,
-                     export_date=o.export_date, verification=verification, ood=guard.metadata())
+                     export_date=o.export_date, verification=verification, ood=guard.metadata(),
+                     cam_scale=cam_scales["onnx_fp32"])
     set_metadata(final_fp32, info.to_metadata())
     info.precision, info.ood, info.quantization = "int8", int8_guard, settings.to_dict()
+    info.cam_scale = cam_scales["onnx_int8"]
     info.int8_cpu_classes = {"covered": portability["covered"], "verified": portability["verified"]}
     set_metadata(final_int8, info.to_metadata())
 
@@ -188,7 +195,7 @@ def run_export(o: ExportOptions) -> bool:
               "eval": {"split": rel(eval_dir), "images": len(labels)}, "metrics": metrics, "gate": gate,
               "int8_flips": flips, "near_tie": NEAR_TIE,
               "latency": latency, "quantization": settings.to_dict() | diagnostics, "onnxruntime": onnxruntime.__version__,
-              "int8_cpu_classes": portability,
+              "int8_cpu_classes": portability, "cam_scale": cam_scales,
               "files": {k: {"path": p.name, "mb": p.stat().st_size / 1e6} for k, p in files.items()},
               "size_ratio": final_int8.stat().st_size / final_fp32.stat().st_size,
               "trust": {"guard": guard.metadata(), "int8_guard": int8_guard, "chosen_by": guard.chosen_by,

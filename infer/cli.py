@@ -93,7 +93,7 @@ def main(inputs, model_path, precision, force_int8, fmt, top_k, output, threads,
     width = max((len(p) for p in paths), default=4)
     with open_output(output) as out:
         writer = WRITERS[fmt](out, classes, top_k, width, guard, ood_action)
-        heatmaps = Heatmaps(heatmap_dir, model.info.spec, writer) if heatmap_dir else None
+        heatmaps = Heatmaps(heatmap_dir, model.info.spec, writer, model.info.cam_scale_value) if heatmap_dir else None
         writer.start(model_description(model))
         for arg, message in input_errors:
             failed += 1
@@ -138,11 +138,17 @@ def out_of_memory_is_one_line(batch_size: int):
 class Heatmaps:
     """--heatmap DIR: one overlay PNG per classified image, named <stem>.<prediction>_<probability>.png."""
 
-    def __init__(self, folder, spec, writer):
+    def __init__(self, folder, spec, writer, scale=None):
+        """scale: the model's cam scale (xray.cam_scale); None, a model exported before it: maps scaled per image,
+        said once."""
         from pathlib import Path
 
-        self.folder, self.spec, self.writer, self.used = Path(folder), spec, writer, set()
+        from .heatmap import SCALE_NOTE_PER_IMAGE
+
+        self.folder, self.spec, self.writer, self.scale, self.used = Path(folder), spec, writer, scale, set()
         self.folder.mkdir(parents=True, exist_ok=True)
+        if scale is None:
+            click.echo(f"warning: {SCALE_NOTE_PER_IMAGE}", err=True)
 
     def write(self, result, max_pixels):
         import numpy as np
@@ -159,7 +165,7 @@ class Heatmaps:
             caption += " (not like the training data)" if prob is not None else ""
         name = heatmap_name(result.path, rec["prediction"], prob, self.used)
         image = load_image(result.path, max_pixels=max_pixels)
-        write_heatmap(self.folder, name, image, result.cam[best], self.spec, caption)
+        write_heatmap(self.folder, name, image, result.cam[best], self.spec, caption, self.scale)
 
 
 def report_error(message: str):

@@ -1,6 +1,8 @@
 """Response shapes, for the OpenAPI document at /docs (the handlers return the same fields)."""
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel
 
 
@@ -54,6 +56,12 @@ class PredictResponse(BaseModel):
     detail: str | None = None  # on 422: why no image could be used
 
 
+class HeatmapScale(BaseModel):
+    scale: Literal["model", "per_image"]  # one scale for the model (xray.cam_scale), or each map on its own maximum
+    value: float | None  # the model's scale (the CAM value drawn at full colour); None: per image
+    legend: str  # one sentence saying what the colours mean
+
+
 class Metadata(BaseModel):
     model_name: str
     file: str
@@ -65,6 +73,7 @@ class Metadata(BaseModel):
     verification: dict
     ood_guard: dict | None
     heatmaps: bool
+    heatmap: HeatmapScale | None  # how the heatmaps' colours are scaled and what they mean; None: no heatmaps
     chosen_because: str | None
     onnxruntime: str
     cpu_class: str | None  # this CPU's class for int8 (avx2, avx512_vnni, arm64_dotprod, ...); None: none of them

@@ -111,7 +111,8 @@ class Service:
         if views.wanted:
             classes, spec = list(self.model.info.classes), self.model.info.spec
             drawn = await asyncio.gather(*(loop.run_in_executor(self.pool, render, prepared[i][2], views, records[i],
-                                                                rows[i].cam, classes, spec) for i in ok))
+                                                                rows[i].cam, classes, spec, self.model.info.cam_scale_value)
+                                           for i in ok))
             for i, fields in zip(ok, drawn):
                 records[i].update(fields)
         return records
@@ -120,14 +121,15 @@ class Service:
                           cam: bool = False) -> tuple[dict, dict, tuple | None]:
         """One file from a non-async caller (the DICOM node's association threads): the same decode pool,
         batcher and record. Returns (record, timing in ms, and when cam is asked and present: (the decoded
-        image shrunk to a preview's size, the class activation maps), so nothing is decoded twice)."""
+        image shrunk to a preview's size, the class activation maps, the model's cam scale or None), so nothing
+        is decoded twice)."""
         start = time.perf_counter()
         array, error, image = self.pool.submit(self._prepare, data, name, cam).result()
         decoded = time.perf_counter()
         row = self.batcher.submit(array, cam=cam).result() if array is not None else None
         timing = {"decode_ms": round((decoded - start) * 1e3, 2),
                   "model_ms": round((time.perf_counter() - decoded) * 1e3, 2)}
-        drawn = (image, row.cam) if row is not None and row.cam is not None else None
+        drawn = (image, row.cam, self.model.info.cam_scale_value) if row is not None and row.cam is not None else None
         return self._record(name, row, error, None, ood_action), timing, drawn
 
     def _record(self, name: str, row, error: ImageFailure | None, top_k: int | None, ood_action: str) -> dict:
@@ -142,11 +144,13 @@ class Service:
                       self.guard, ood_action)
 
     def metadata(self) -> dict:
+        from .views import heatmap_legend  # heatmap: how the colours are scaled, and a legend for them
+
         m, i, s = self.model, self.model.info, self.settings
         return {"model_name": i.model_name, "file": m.path.name, "precision": i.precision, "classes": i.classes,
                 "image_spec": json.loads(i.spec.to_json()), "checkpoint_sha256": i.checkpoint_sha256,
                 "export_date": i.export_date, "verification": i.verification,
-                "ood_guard": i.ood if m.has_guard else None, "heatmaps": m.has_cam,
+                "ood_guard": i.ood if m.has_guard else None, "heatmaps": m.has_cam, "heatmap": heatmap_legend(m),
                 "chosen_because": s.model_reason, "onnxruntime": ort.__version__, "cpu_class": detect_cpu().cls,
                 "int8_cpu_classes": i.int8_cpu_classes or None,
                 "limits": {"max_upload_mb": s.max_upload_mb, "max_files": s.max_files, "max_pixels": s.max_pixels,

@@ -239,6 +239,7 @@ def test_heatmaps_are_pngs_the_size_of_the_input(guard_run, tmp_path):
     proc = xray_infer("-m", run / "export" / "model.int8.onnx", *files, "--heatmap", tmp_path / "hm", "-f", "jsonl")
     recs = [json.loads(line) for line in proc.stdout.splitlines()]
     assert len(sorted((tmp_path / "hm").iterdir())) == len(files)
+    colourful = 0  # on the model's one scale (xray.cam_scale) a weak map is faint: a colour map over at least one
     for f, rec in zip(files, recs):
         png = tmp_path / "hm" / f"{Path(f).stem}.{rec['prediction']}_{rec['probability']:.2f}.png"
         with Image.open(png) as im:
@@ -246,7 +247,9 @@ def test_heatmaps_are_pngs_the_size_of_the_input(guard_run, tmp_path):
         with Image.open(png) as im, Image.open(f) as src:
             assert im.format == "PNG" and im.size == src.size and im.mode == "RGB"
             rgb = np.asarray(im).astype(int)
-        assert rgb.std() > 10 and np.abs(rgb[..., 0] - rgb[..., 2]).max() > 40, "a colour map over the image, not blank"
+        assert rgb.std() > 10
+        colourful += np.abs(rgb[..., 0] - rgb[..., 2]).max() > 40
+    assert colourful, "a colour map over the image, not blank"
 
 
 def test_models_without_the_trust_outputs_still_run(tiny_onnx, synthetic_raw, tmp_path):

@@ -19,7 +19,7 @@ def model_identity(service) -> dict:
 
 
 def build_reports(source: pydicom.Dataset, record: dict, model: dict, spec, heatmap=None) -> list[pydicom.Dataset]:
-    """[SR] or [SR, heatmap SC]; heatmap: (the decoded image, its class activation maps)."""
+    """[SR] or [SR, heatmap SC]; heatmap: (the decoded image, its class activation maps[, the model's cam scale])."""
     objects = [build_sr(source, record, model, **report_uids(source, model, "sr"))]
     if heatmap is not None:
         objects.append(heatmap_sc(source, record, spec, *heatmap, **report_uids(source, model, "sc")))
@@ -38,13 +38,13 @@ def report_uids(source: pydicom.Dataset, model: dict, kind: str) -> dict:
             "sop_instance_uid": stable_uid("instance", kind, source_uid, model_id)}
 
 
-def heatmap_sc(source, record, spec, image, cam, **uids) -> pydicom.Dataset:
+def heatmap_sc(source, record, spec, image, cam, scale=None, **uids) -> pydicom.Dataset:
     """image: the instance as decoded for classification, shrunk to at most 1024 px (serve.views.shrink)."""
     from xray.infer.heatmap import overlay
 
     best = int(np.argmax(list(record["probabilities"].values())))  # in the model's class order
     caption = f"{record['prediction']} {record['probability']:.2f} - xray-edge, research use only"
-    return build_heatmap_sc(source, np.asarray(overlay(image, cam[best], spec, caption)), **uids)
+    return build_heatmap_sc(source, np.asarray(overlay(image, cam[best], spec, caption, scale)), **uids)
 
 
 def package_version() -> str:
