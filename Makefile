@@ -29,13 +29,13 @@ $(STAMP): pyproject.toml Makefile | $(PY)
 # qemu-aarch64 its Arm kernels), debootstrap for the arm64 root those run in;
 # Orthanc (the PACS) with its DICOMweb plugin (a file, not a command: the STOW-RS archive) and DCMTK (modality,
 # second PACS, img2dcm) for the DICOM node's tests against real peers
-TOOLS := chromium chromedriver qemu-x86_64 debootstrap Orthanc storescu storescp img2dcm openssl curl nginx
+TOOLS := chromium chromedriver qemu-x86_64 debootstrap Orthanc storescu storescp img2dcm openssl curl nginx systemd-analyze
 TOOL_FILES := /usr/share/orthanc/plugins/libOrthancDicomWeb.so
 test-tools:
 	@( for t in $(TOOLS); do command -v $$t >/dev/null || exit 1; done; \
 		for f in $(TOOL_FILES); do test -f $$f || exit 1; done ) || { apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver qemu-user debootstrap \
-		orthanc orthanc-dicomweb dcmtk openssl curl nginx-light >/dev/null; }
+		orthanc orthanc-dicomweb dcmtk openssl curl nginx-light systemd >/dev/null; }
 
 # the trackers' extras (MLflow, W&B) for the tracking tests only: make demo does not pay for them
 $(TRACKERS): $(STAMP)
