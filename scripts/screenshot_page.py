@@ -55,8 +55,8 @@ class Failed(Exception):
 
 
 def find_rg1() -> Path | None:
-    """RG1_UNCR.dcm from the installed pydicom-data package, found on disk (never downloaded); as
-    tests/test_common_imageio.py's _find_rg1."""
+    """RG1_UNCR.dcm from the installed pydicom-data package, found on disk (never downloaded); the tests use
+    this lookup too (tests/test_common_imageio.py's _find_rg1)."""
     roots = []
     for mod in ("pydicom_data", "data_store"):
         spec = importlib.util.find_spec(mod)

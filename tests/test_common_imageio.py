@@ -1,8 +1,6 @@
 """xray.common.imageio: every supported input becomes an 8-bit 'L' image; bad inputs raise ImageError."""
 from __future__ import annotations
 
-import importlib.metadata
-import importlib.util
 import io
 import shutil
 import struct
@@ -331,22 +329,11 @@ def test_name_is_used_in_messages_for_bytes():
 
 
 def _find_rg1() -> Path | None:
-    """RG1_UNCR.dcm from the installed pydicom-data package, found on disk (never downloaded)."""
-    roots = []
-    for mod in ("pydicom_data", "data_store"):
-        spec = importlib.util.find_spec(mod)
-        if spec is not None and spec.submodule_search_locations:
-            roots += [Path(s) for s in spec.submodule_search_locations]
-    try:
-        dist = importlib.metadata.distribution("pydicom-data")
-        roots += [Path(dist.locate_file(f)).parent for f in (dist.files or []) if f.name == "RG1_UNCR.dcm"]
-    except importlib.metadata.PackageNotFoundError:
-        pass
-    for root in roots:
-        hits = sorted(root.glob("**/RG1_UNCR.dcm"))
-        if hits:
-            return hits[0]
-    return None
+    """RG1_UNCR.dcm from the installed pydicom-data package, found on disk (never downloaded): the lookup of
+    scripts/screenshot_page.py (scripts are on sys.path through conftest), kept in one place."""
+    from screenshot_page import find_rg1
+
+    return find_rg1()
 
 
 @pytest.fixture(scope="module")

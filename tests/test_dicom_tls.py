@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from peers import events, free_port, wait_until
+from peers import Storescp, events, free_port, wait_until
 from pynetdicom import AE
 from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation, Verification
 from serving import SERVE, Server, listening_addresses
@@ -132,50 +132,17 @@ def presented_cn(port: int, pki) -> str:
     return dict(rdn[0] for rdn in cert["subject"])["commonName"]
 
 
-class TlsStorescp:
+class TlsStorescp(Storescp):
     """DCMTK's storescp +tls (it requires the caller's certificate, DCMTK's default) on `port`, writing into
     `folder` (+uf: a resent UID is a second file). Ready when an echoscu +tls with `probe` gets through."""
 
     def __init__(self, folder: Path, identity: Pair, trusts: Pair, probe: tuple, port: int | None = None,
                  aet: str = "PACS"):
-        self.folder, self.aet, self.port, self.probe = Path(folder), aet, port or free_port(), probe
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.log_path = self.folder.parent / f"storescp-tls-{self.port}.log"
-        self.cmd = ["storescp", "-aet", aet, "-od", str(self.folder), "+uf", *dcmtk_tls(identity, trusts),
-                    str(self.port)]
-        self.proc = None
+        super().__init__(folder, aet, extra=dcmtk_tls(identity, trusts), port=port)
+        self.probe = probe
 
-    def start(self) -> "TlsStorescp":
-        with open(self.log_path, "a") as log:
-            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT)
-
-        def up():
-            assert self.proc.poll() is None, f"storescp exited {self.proc.returncode}:\n{self.log()}"
-            return echo(self.port, *self.probe, calling="PROBE", called=self.aet).returncode == 0
-
-        wait_until(up, 20, what=f"storescp +tls on port {self.port}")
-        return self
-
-    def stop(self):
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def files(self, prefix: str = "") -> list[Path]:
-        return sorted(p for p in self.folder.iterdir() if p.is_file() and p.name.startswith(prefix))
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()
+    def answers(self) -> bool:
+        return echo(self.port, *self.probe, calling="PROBE", called=self.aet).returncode == 0
 
 
 # ---------------------------------------------------------------------------------------------------- fixtures
