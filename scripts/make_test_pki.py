@@ -14,6 +14,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+import click
+
 
 def _openssl(*args, cwd: Path):
     proc = subprocess.run(["openssl", *map(str, args)], cwd=cwd, capture_output=True, text=True)
@@ -97,11 +99,13 @@ def make_pki(folder: Path) -> TestPki:
                    expired=ca.issue("expired", "MODALITY", expired=True))
 
 
-if __name__ == "__main__":
-    import sys
-
-    if len(sys.argv) != 2 or sys.argv[1].startswith("-"):
-        sys.exit("usage: python scripts/make_test_pki.py OUT_DIR  (a test CA, server and client certificates)")
-    pki = make_pki(Path(sys.argv[1]))
+@click.command(help="A test CA, server and client certificates (openssl) in OUT_DIR: for trying TLS, never production.")
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+def main(out_dir: Path):
+    pki = make_pki(out_dir)
     for name, pair in vars(pki).items():
         print(f"{name:9s} {pair.cert}  {pair.key}")
+
+
+if __name__ == "__main__":
+    main()
