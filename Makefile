@@ -6,6 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TRACKERS := $(VENV)/.trackers
 DOCS   := $(VENV)/.docs
+RAY    := $(VENV)/.ray
 ARM64  := $(VENV)/arm64
 PYTEST_ARGS ?=
 
@@ -47,6 +48,11 @@ $(DOCS): $(STAMP)
 	$(PY) -m pip install --quiet -e '.[docs]'
 	touch $(DOCS)
 
+# Ray Data for xray-infer --engine ray (its tests and scripts/bench_ray.py); make demo does not pay for it
+$(RAY): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[ray]'
+	touch $(RAY)
+
 # make docs: the manual in docs/ as a site in build/site/ (offline: no CDN font or script); a broken link fails
 docs: $(DOCS)
 	$(VENV)/bin/mkdocs build --strict
@@ -67,7 +73,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) scripts/demo.py $(if $(FRESH),--fresh,) $(DEMO_ARGS)
 
-test: $(STAMP) $(TRACKERS) $(DOCS) test-tools $(ARM64)
+test: $(STAMP) $(TRACKERS) $(DOCS) $(RAY) test-tools $(ARM64)
 	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
 
 clean:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import sys
 from contextlib import contextmanager, nullcontext
+from pathlib import Path
 
 import click
 
@@ -39,8 +40,9 @@ are still in the output); 2 nothing could run (no inputs, bad model, bad option)
 @click.option("--format", "-f", "fmt", type=click.Choice(["table", "json", "jsonl", "csv"]), default="table",
               show_default=True, help="Output format.")
 @click.option("--top-k", type=click.IntRange(min=1), help="Show only the k most probable classes per image.")
-@click.option("--output", "-o", type=click.Path(dir_okay=False, writable=True),
-              help="Write the output to this file (replaced only when the run completes) instead of stdout.")
+@click.option("--output", "-o", type=click.Path(),
+              help="Write the output to this file (replaced only when the run completes) instead of stdout. "
+                   "--engine ray: the Parquet dataset folder (required).")
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
               help="onnxruntime threads (0: all cores).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
@@ -57,9 +59,27 @@ are still in the output); 2 nothing could run (no inputs, bad model, bad option)
 @click.option("--heatmap", "heatmap_dir", type=click.Path(file_okay=False), metavar="DIR",
               help="Write one PNG per image to DIR: the image with the predicted class's activation map over it.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: this process. ray: a Ray Data job (this machine, or --ray-address) writing a Parquet "
+                   "dataset to --output; INPUT may also be @paths.txt, a CSV/Parquet manifest or a URI "
+                   "(s3://, gs://, ...). Needs the [ray] extra.")
+@click.option("--ray-address", metavar="ADDR", help="--engine ray: join this Ray cluster (default: $RAY_ADDRESS, "
+                                                    "else Ray starts on this machine).")
+@click.option("--actors", type=click.IntRange(min=1), help="--engine ray: model actors (default: one per node, "
+                                                          "more while work queues, up to one per 2 CPUs).")
+@click.option("--threads-per-actor", type=click.IntRange(min=1), default=1, show_default=True,
+              help="--engine ray: onnxruntime threads in each actor.")
+@click.option("--resume-by", type=click.Choice(["path", "hash"]), default="path", show_default=True,
+              help="--engine ray: an input already in --output is skipped when its path, size and modification "
+                   "time match (path), or its content's sha256 (hash).")
+@click.option("--path-column", default="path", show_default=True,
+              help="--engine ray: the column of a CSV/Parquet manifest that holds the paths.")
+@click.option("--part-rows", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="--engine ray: rows per Parquet part file (the most an interrupted job redoes).")
 @exit_on_user_error
 def main(inputs, model_path, precision, force_int8, fmt, top_k, output, threads, batch_size, workers, evaluate,
-         max_pixels, ood_action, heatmap_dir, quiet):
+         max_pixels, ood_action, heatmap_dir, quiet, engine, ray_address, actors, threads_per_actor, resume_by,
+         path_column, part_rows):
     """Classify chest X-ray images: files, folders (recursive), globs, or - to read paths from stdin.
 
     JPEG, PNG (8/16-bit, RGB(A), palette), TIFF, BMP, WebP, and DICOM (.dcm, needs the [dicom] extra).
@@ -71,6 +91,15 @@ def main(inputs, model_path, precision, force_int8, fmt, top_k, output, threads,
 
     if not inputs:
         raise XrayError("no input: give image files, folders, globs, or - to read paths from stdin (see --help)")
+    if engine == "ray":
+        check_ray_options(output, fmt, top_k, evaluate, heatmap_dir, inputs)
+        from .ray_engine import Options, run
+
+        sys.exit(run(Options(inputs, output, model_path, precision, force_int8, ray_address, actors,
+                             threads_per_actor, batch_size, max_pixels, ood_action, resume_by, path_column,
+                             part_rows, quiet)))
+    if output and Path(output).is_dir():
+        raise XrayError(f"--output {output}: is a folder; give a file name (a folder is for --engine ray)")
     model, choice = open_model(model_path, precision, threads, force_int8)
     if choice.reason:
         click.echo(f"{'warning' if choice.forced else 'note'}: model {model.path} ({choice.reason})", err=True)
@@ -122,6 +151,17 @@ def main(inputs, model_path, precision, force_int8, fmt, top_k, output, threads,
                 click.echo(text, err=True, nl=False)  # stdout stays machine-readable
         writer.finish(metrics, text)
     sys.exit(EXIT_FAILURE if failed else EXIT_OK)
+
+
+def check_ray_options(output, fmt, top_k, evaluate, heatmap_dir, inputs):
+    """--engine ray writes Parquet rows; what only the local engine does is refused in one line."""
+    if not output:
+        raise XrayError("--engine ray: give --output FOLDER (the Parquet dataset the rows go to)")
+    given = [name for name, value in (("--format", fmt != "table"), ("--top-k", top_k), ("--eval", evaluate),
+                                      ("--heatmap", heatmap_dir), ("- (stdin)", "-" in inputs)) if value]
+    if given:
+        raise XrayError(f"--engine ray: {', '.join(given)} only with --engine local (ray writes Parquet rows; "
+                        "read them with pyarrow or pandas)")
 
 
 @contextmanager

@@ -1,0 +1,177 @@
+"""`xray-infer --engine ray`: score an archive on a Ray cluster (or Ray on this machine) into a Parquet dataset.
+
+The pipeline, streamed by Ray Data with backpressure (memory bounded whatever the number of files):
+  paths (listed on the driver) -> prepare_batch tasks (read, decode, preprocess: xray.common)
+  -> Scorer actors (the model, opened once per actor for its node's CPU) -> rows back to the driver, which commits
+  them to part files (xray.infer.ray_parts). Ray retries a task or actor lost with its worker or node; a row
+  reaches the output once, when its block is delivered.
+
+Ray is imported here only, and only with --engine ray: the edge install stays Ray-free.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+
+from xray.common.errors import EXIT_FAILURE, EXIT_OK, XrayError
+
+from .model import ENV_VAR, FILES, choose_model, open_model
+from .ray_inputs import list_inputs
+from .ray_parts import PartWriter, prepare_output, row_schema
+
+# Ray's CPU counts are reservations for scheduling, not limits. A decode task and an actor each reserve a
+# fraction, so a node's actors never take every CPU and starve the reads (tried: whole-CPU reservations on a
+# 2 x 1-CPU cluster never started reading); the operating system shares the cores out.
+READ_CPUS = 0.25
+ACTOR_CPUS = 0.25
+PATHS_PER_TASK = 16  # files per read task: small enough to spread over the cluster, big enough to amortise a task
+
+
+@dataclass
+class Options:
+    inputs: tuple
+    output: str
+    model_path: str | None = None
+    precision: str = "auto"
+    force_int8: bool = False
+    ray_address: str | None = None
+    actors: int | None = None
+    threads_per_actor: int = 1
+    batch_size: int = 16
+    max_pixels: int = 0
+    ood_action: str = "flag"
+    resume_by: str = "path"
+    path_column: str = "path"
+    part_rows: int = 1000
+    quiet: bool = False
+
+
+@dataclass
+class Tally:
+    rows: int = 0
+    errors: Counter = field(default_factory=Counter)
+    flagged: int = 0
+    per_node: Counter = field(default_factory=Counter)
+
+    def add(self, table):
+        self.rows += table.num_rows
+        self.errors.update(k for k in table.column("error_kind").to_pylist() if k)
+        self.flagged += sum(1 for f in table.column("ood").to_pylist() if f)
+        self.per_node.update(table.column("node_id").to_pylist())
+
+
+def import_ray():
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise XrayError("--engine ray needs Ray: pip install 'xray-edge[ray]'") from None
+    return ray
+
+
+def model_files(model_path: str | None, precision: str) -> tuple[dict[str, bytes], str | None]:
+    """The model file(s) to ship to the actors: ({name: bytes}, the file to open, or None for the export folder,
+    so each actor picks int8 or fp32 for its own node's CPU)."""
+    from .registry import fetch_registered, is_registry_uri
+
+    given = model_path or os.environ.get(ENV_VAR)
+    if is_registry_uri(given):
+        given = str(fetch_registered(given))
+    if given and Path(given).is_file():
+        return {Path(given).name: Path(given).read_bytes()}, Path(given).name
+    folder = Path(given) if given else choose_model(None, precision=precision).path.parent
+    return {name: (folder / name).read_bytes() for name in FILES.values() if (folder / name).is_file()}, None
+
+
+def run(o: Options) -> int:
+    """Score o.inputs into o.output; returns the exit code (0, or 1 when some inputs failed)."""
+    model, choice = open_model(o.model_path, o.precision, 1, o.force_int8)  # checks the model, on the driver
+    if choice.reason:
+        click.echo(f"{'warning' if choice.forced else 'note'}: model on this machine: {model.path} ({choice.reason})",
+                   err=True)
+    paths, input_errors = list_inputs(o.inputs, o.path_column)
+    for _, message in input_errors:
+        click.echo(f"error: {message}", err=True)
+    if not paths:
+        raise XrayError("no input files to score" + ("" if input_errors else " (see --help)"))
+    out = Path(o.output)
+    info = model.info
+    schema = row_schema(info.classes)
+    done = prepare_output(out, schema, info.checkpoint_sha256, o.resume_by)
+    files, model_file = model_files(o.model_path, o.precision)
+    ray = import_ray()
+    start_ray(ray, o)
+    writer, tally = PartWriter(out, schema, o.part_rows), Tally()
+    started = time.monotonic()
+    try:
+        ds = build_dataset(ray, o, paths, info.spec, done, files, model_file)
+        for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            writer.add(block)
+            tally.add(block)
+    except KeyboardInterrupt:
+        writer.flush()
+        click.echo(f"interrupted: {tally.rows} rows committed to {out}; run the same command again to score the rest",
+                   err=True)
+        sys.exit(130)
+    finally:
+        ray.shutdown()
+    writer.flush()
+    elapsed = time.monotonic() - started
+    skipped = len(paths) - tally.rows
+    print_summary(tally, skipped, elapsed, out, writer.parts)
+    return EXIT_FAILURE if tally.errors or input_errors else EXIT_OK
+
+
+def start_ray(ray, o: Options):
+    """Join the cluster at --ray-address (or $RAY_ADDRESS), else start Ray on this machine."""
+    address = o.ray_address or os.environ.get("RAY_ADDRESS") or "local"  # "local": never join by accident
+    try:
+        ray.init(address=address, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
+                 configure_logging=True)
+    except ConnectionError as e:
+        raise XrayError(f"--ray-address {address}: cannot join the Ray cluster ({str(e).splitlines()[0][:200]})") \
+            from None
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = not o.quiet
+    ctx.print_on_execution_start = False
+
+
+def build_dataset(ray, o: Options, paths, spec, done: set, files, model_file):
+    from ray.data import ActorPoolStrategy
+
+    from .ray_tasks import Scorer, prepare_batch
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    cpus = sum(n["Resources"].get("CPU", 0) for n in nodes)
+    if o.actors:
+        pool = ActorPoolStrategy(size=o.actors)
+    else:  # one per node at least; Ray Data adds actors while their queue grows, up to one per 2 CPUs
+        least = max(1, len(nodes))
+        pool = ActorPoolStrategy(min_size=least, max_size=max(least, int(cpus // 2)))
+    items = [{"path": p} for p in paths]
+    ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / PATHS_PER_TASK)))
+    ds = ds.map_batches(prepare_batch, batch_format="pyarrow", batch_size=None, num_cpus=READ_CPUS,
+                        fn_kwargs={"spec": spec, "max_pixels": o.max_pixels, "resume_by": o.resume_by,
+                                   "done": [ray.put(done)] if done else None})
+    return ds.map_batches(Scorer, batch_format="pyarrow", batch_size=o.batch_size, compute=pool,
+                          num_cpus=ACTOR_CPUS,
+                          fn_constructor_kwargs={"model_files": [ray.put(files)], "model_file": model_file,
+                                                 "precision": o.precision, "threads": o.threads_per_actor,
+                                                 "force_int8": o.force_int8, "ood_action": o.ood_action})
+
+
+def print_summary(t: Tally, skipped: int, elapsed: float, out: Path, parts: int):
+    rate = t.rows / elapsed if elapsed > 0 else 0.0
+    errors = ", ".join(f"{k} {n}" for k, n in t.errors.most_common()) or "none"
+    lines = [f"scored {t.rows} files in {elapsed:.1f} s ({rate:.1f} images/s) into {out} ({parts} new part files)",
+             f"  errors: {errors}; flagged out of distribution: {t.flagged}"
+             + (f"; already in the output, skipped: {skipped}" if skipped else "")]
+    lines += [f"  node {node[:12]}: {n} files" for node, n in sorted(t.per_node.items())]
+    click.echo("\n".join(lines), err=True)
