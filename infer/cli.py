@@ -65,8 +65,8 @@ are still in the output); 2 nothing could run (no inputs, bad model, bad option)
                    "(s3://, gs://, ...). Needs the [ray] extra.")
 @click.option("--ray-address", metavar="ADDR", help="--engine ray: join this Ray cluster (default: $RAY_ADDRESS, "
                                                     "else Ray starts on this machine).")
-@click.option("--actors", type=click.IntRange(min=1), help="--engine ray: model actors (default: one per node, "
-                                                          "more while work queues, up to one per 2 CPUs).")
+@click.option("--actors", type=click.IntRange(min=1), help="--engine ray: model actors, each decoding its files and "
+                                                          "running the model (default: one per CPU of the cluster).")
 @click.option("--threads-per-actor", type=click.IntRange(min=1), default=1, show_default=True,
               help="--engine ray: onnxruntime threads in each actor.")
 @click.option("--resume-by", type=click.Choice(["path", "hash"]), default="path", show_default=True,

@@ -92,6 +92,7 @@ def model_files(model_path: str | None, precision: str) -> tuple[dict[str, bytes
 
 def run(o: Options) -> int:
     """Score o.inputs into o.output; returns the exit code (0, or 1 when some inputs failed)."""
+    ray = import_ray()
     model, choice = open_model(o.model_path, o.precision, 1, o.force_int8)  # checks the model, on the driver
     if choice.reason:
         click.echo(f"{'warning' if choice.forced else 'note'}: model on this machine: {model.path} ({choice.reason})",
@@ -106,7 +107,6 @@ def run(o: Options) -> int:
     schema = row_schema(info.classes)
     done = prepare_output(out, schema, info.checkpoint_sha256, o.resume_by)
     files, model_file = model_files(o.model_path, o.precision)
-    ray = import_ray()
     start_ray(ray, o)
     writer, tally = PartWriter(out, schema, o.part_rows), Tally()
     started = time.monotonic()
@@ -150,11 +150,9 @@ def build_dataset(ray, o: Options, paths, spec, done: set, files, model_file):
 
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     cpus = sum(n["Resources"].get("CPU", 0) for n in nodes)
-    if o.actors:
-        pool = ActorPoolStrategy(size=o.actors)
-    else:  # one per node at least; Ray Data adds actors while their queue grows, up to one per 2 CPUs
-        least = max(1, len(nodes))
-        pool = ActorPoolStrategy(min_size=least, max_size=max(least, int(cpus // 2)))
+    # Ray Data fuses the decode stage into the actors (same resources, one after the other): an actor decodes its
+    # files on one core and runs them through the model, so the default is one actor per CPU of the cluster
+    pool = ActorPoolStrategy(size=o.actors or max(len(nodes), int(cpus)))
     items = [{"path": p} for p in paths]
     ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / PATHS_PER_TASK)))
     ds = ds.map_batches(prepare_batch, batch_format="pyarrow", batch_size=None, num_cpus=READ_CPUS,
