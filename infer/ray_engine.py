@@ -120,6 +120,10 @@ def run(o: Options) -> int:
         click.echo(f"interrupted: {tally.rows} rows committed to {out}; run the same command again to score the rest",
                    err=True)
         sys.exit(130)
+    except ray.exceptions.RayError as e:  # e.g. no node could open the model: one line, the rows so far kept
+        writer.flush()
+        raise XrayError(f"the Ray job failed ({failure_line(e)}); the {tally.rows} rows scored before are committed "
+                        f"to {out}, and a re-run scores the rest", EXIT_FAILURE) from None
     finally:
         ray.shutdown()
     writer.flush()
@@ -163,6 +167,13 @@ def build_dataset(ray, o: Options, paths, spec, done: set, files, model_file):
                           fn_constructor_kwargs={"model_files": [ray.put(files)], "model_file": model_file,
                                                  "precision": o.precision, "threads": o.threads_per_actor,
                                                  "force_int8": o.force_int8, "ood_action": o.ood_action})
+
+
+def failure_line(e: Exception) -> str:
+    """The worker's own exception as one line (a RayTaskError's text is its remote traceback)."""
+    cause = getattr(e, "cause", None) or e
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    return (lines[-1] if lines else type(cause).__name__)[:300]
 
 
 def print_summary(t: Tally, skipped: int, elapsed: float, out: Path, parts: int):

@@ -237,6 +237,22 @@ def test_an_interrupted_job_resumes_where_it_stopped_and_a_half_written_part_is_
     assert "scored 0 files" in again.stderr and read_rows(out).num_rows == len(files)
 
 
+def test_ctrl_c_commits_the_rows_scored_so_far_and_exits_130(cluster, big_archive, guarded_model, tmp_path):
+    out = tmp_path / "scores"
+    proc = start(guarded_model, out, [big_archive], cluster.address, "--part-rows", "10", "--batch-size", "4")
+    try:
+        wait_for_part(out, proc)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    committed = read_rows(out).num_rows
+    assert f"interrupted: {committed} rows committed to {out}; run the same command again" in err
+    assert 0 < committed < len(all_files(big_archive)) and not list(out.glob(".*"))
+
+
 def test_resume_by_hash_recognises_touched_files_and_path_mode_does_not(cluster, archive, guarded_model, tmp_path):
     films = tmp_path / "films"
     shutil.copytree(archive / "films" / "NORMAL", films)
