@@ -22,6 +22,10 @@ from the model's metadata.
 Out-of-distribution guard (models from xray-export with it): ood / ood_score per image; a flagged
 image gets a note on stderr. --ood-action abstain replaces its prediction with OUT_OF_DISTRIBUTION.
 \b
+--engine ray (the [ray] extra): the same model and decoding as a Ray Data job, on this machine or a
+cluster (--ray-address), one Parquet row per input in the --output folder; re-running with the same
+--output scores only what is not there yet (--resume-by).
+\b
 Exit codes: 0 every input was classified; 1 some inputs failed (each named on stderr, the others
 are still in the output); 2 nothing could run (no inputs, bad model, bad option); 130 interrupted.
 """
