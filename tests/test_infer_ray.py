@@ -269,19 +269,21 @@ def test_resume_by_hash_recognises_touched_files_and_path_mode_does_not(cluster,
 
 
 def test_manifests_and_path_lists_on_ray_started_by_the_cli(archive, guarded_model, tmp_path):
-    """No --ray-address: Ray starts on this machine for the job and stops after it."""
+    """No --ray-address: Ray starts on this machine for the job and stops after it. The model is given as its export
+    folder: shipped whole, each actor picks from it for its own CPU."""
     films = sorted((archive / "films").rglob("*.png"))[:6]
     listing = tmp_path / "paths.txt"
     listing.write_text("\n".join(map(str, films[:2])) + f"\n{tmp_path / 'gone.png'}\n")
     pq.write_table(pa.table({"file": [str(f) for f in films[2:4]]}), tmp_path / "m.parquet")
     (tmp_path / "m.csv").write_text("id,file\n" + "".join(f"{i},{f}\n" for i, f in enumerate(films[4:6])))
     out = tmp_path / "scores"
-    proc = ray_infer(guarded_model, out, f"@{listing}", tmp_path / "m.parquet", tmp_path / "m.csv",
+    proc = ray_infer(guarded_model.parent, out, f"@{listing}", tmp_path / "m.parquet", tmp_path / "m.csv",
                      extra=["--path-column", "file", "-q"], check_code=1)
     rows = {r["path"]: r for r in read_rows(out).to_pylist()}
     assert sorted(rows) == sorted([*map(str, films), str(tmp_path / "gone.png")])
     assert rows[str(tmp_path / "gone.png")]["error_kind"] == "missing"
     assert "Running Dataset" not in proc.stderr  # -q: no progress output
+    assert {r["precision"] for r in rows.values()} == {"fp32"}
 
     wrong = ray_infer(guarded_model, tmp_path / "x", tmp_path / "m.csv", check_code=2)
     assert wrong.stderr.strip().splitlines()[-1] == (f"error: {tmp_path / 'm.csv'}: no column 'path' (it has id, file); "
