@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import sys
 import time
 from collections import Counter
@@ -93,6 +94,7 @@ def model_files(model_path: str | None, precision: str) -> tuple[dict[str, bytes
 def run(o: Options) -> int:
     """Score o.inputs into o.output; returns the exit code (0, or 1 when some inputs failed)."""
     ray = import_ray()
+    ray_address(o)  # a wrong address is refused before anything is listed or written
     model, choice = open_model(o.model_path, o.precision, 1, o.force_int8)  # checks the model, on the driver
     if choice.reason:
         click.echo(f"{'warning' if choice.forced else 'note'}: model on this machine: {model.path} ({choice.reason})",
@@ -112,9 +114,12 @@ def run(o: Options) -> int:
     started = time.monotonic()
     try:
         ds = build_dataset(ray, o, paths, info.spec, done, files, model_file)
-        for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            writer.add(block)
-            tally.add(block)
+        with CtrlC() as ctrl_c:
+            for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                writer.add(block)
+                tally.add(block)
+                if ctrl_c.pressed:
+                    raise KeyboardInterrupt
     except KeyboardInterrupt:
         writer.flush()
         click.echo(f"interrupted: {tally.rows} rows committed to {out}; run the same command again to score the rest",
@@ -133,9 +138,37 @@ def run(o: Options) -> int:
     return EXIT_FAILURE if tally.errors or input_errors else EXIT_OK
 
 
+class CtrlC:
+    """The first Ctrl-C stops the job once the block in hand is written (never in the middle of a write); a second
+    one stops at once (the part files committed so far stay whole either way)."""
+
+    pressed = False
+
+    def __enter__(self):
+        self.before = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, *_):
+        if self.pressed:
+            raise KeyboardInterrupt
+        self.pressed = True
+        click.echo("stopping after the rows in hand are written (Ctrl-C again to stop at once)", err=True)
+
+    def __exit__(self, *_):
+        signal.signal(signal.SIGINT, self.before)
+
+
+def ray_address(o: Options) -> str:
+    address = o.ray_address or os.environ.get("RAY_ADDRESS") or "local"  # "local": never join by accident
+    if address.startswith("ray://"):  # Ray Data cannot run its streaming executor in a Ray Client driver
+        raise XrayError(f"--ray-address {address}: Ray Client (ray://) cannot run a Ray Data job; run xray-infer on a "
+                        "node of the cluster (--ray-address auto) or submit it with ray job submit")
+    return address
+
+
 def start_ray(ray, o: Options):
     """Join the cluster at --ray-address (or $RAY_ADDRESS), else start Ray on this machine."""
-    address = o.ray_address or os.environ.get("RAY_ADDRESS") or "local"  # "local": never join by accident
+    address = ray_address(o)
     try:
         ray.init(address=address, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
                  configure_logging=True)

@@ -91,22 +91,26 @@ class PartWriter:
         self.rows += table.num_rows
         while sum(t.num_rows for t in self.pending) >= self.part_rows:
             whole = pa.concat_tables(self.pending)
-            self._commit(whole.slice(0, self.part_rows))
             rest = whole.slice(self.part_rows)
-            self.pending = [rest] if rest.num_rows else []
+            self.pending = [rest] if rest.num_rows else []  # before the commit: an interrupted commit loses its rows
+            self._commit(whole.slice(0, self.part_rows))  # (a resume redoes them), it never writes them twice
 
     def flush(self):
         """Commit what is pending (the job's end, or an interruption)."""
-        if self.pending:
-            self._commit(pa.concat_tables(self.pending))
-            self.pending = []
+        tables, self.pending = self.pending, []
+        if tables:
+            self._commit(pa.concat_tables(tables))
 
     def _commit(self, table: pa.Table):
         name = f"part-{self.job}-{self.parts:05d}.parquet"
         tmp = self.out / f".{name}.tmp"
-        pq.write_table(table, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        try:
+            pq.write_table(table, tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         os.replace(tmp, self.out / name)
         fd = os.open(self.out, os.O_RDONLY)
         try:

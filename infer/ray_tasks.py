@@ -32,39 +32,45 @@ PREPARED = pa.schema([("path", pa.string()), ("size", pa.int64()), ("mtime_ns", 
 _DONE_CACHE: dict = {}  # per worker process: the resume keys, fetched once, not once per task
 
 
-def read_source(path: str) -> tuple[bytes | None, int | None, int | None, ImageFailure | None]:
-    """(bytes, size, mtime_ns, failure) of one input. The messages for a local file are the local engine's."""
+def stat_source(path: str) -> tuple[int | None, int | None, ImageFailure | None]:
+    """(size, mtime_ns, failure) of one input, without reading it (--resume-by path decides on these)."""
     if is_uri(path):
-        return _read_uri(path)
+        import pyarrow.fs
+
+        try:
+            fs, inner = pyarrow.fs.FileSystem.from_uri(path)
+            info = fs.get_file_info(inner)
+        except Exception as e:  # pyarrow raises OSError or its own ArrowException subclasses
+            return None, None, ImageFailure("unreadable", f"{path}: cannot read ({one_line(e)})")
+        if info.type == pyarrow.fs.FileType.NotFound:
+            return None, None, ImageFailure("missing", f"{path}: no such file or directory")
+        return info.size, info.mtime_ns, None
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        return None, None, None, ImageFailure("missing", f"{path}: no such file or directory")
+        return None, None, ImageFailure("missing", f"{path}: no such file or directory")
     except OSError as e:
-        return None, None, None, ImageFailure("unreadable", f"{path}: cannot read ({e.strerror or one_line(e)})")
+        return None, None, ImageFailure("unreadable", f"{path}: cannot read ({e.strerror or one_line(e)})")
+    return st.st_size, st.st_mtime_ns, None
+
+
+def read_bytes(path: str) -> tuple[bytes | None, ImageFailure | None]:
+    """One input's bytes. The messages for a local file are the local engine's."""
     try:
+        if is_uri(path):
+            import pyarrow.fs
+
+            fs, inner = pyarrow.fs.FileSystem.from_uri(path)
+            with fs.open_input_file(inner) as f:
+                return f.read(), None
         with open(path, "rb") as f:
-            return f.read(), st.st_size, st.st_mtime_ns, None
+            return f.read(), None
     except PermissionError:
-        return None, st.st_size, st.st_mtime_ns, ImageFailure("unreadable", f"{path}: permission denied")
+        return None, ImageFailure("unreadable", f"{path}: permission denied")
     except IsADirectoryError:
-        return None, None, None, ImageFailure("unreadable", f"{path}: is a directory")
-    except OSError as e:
-        return None, st.st_size, st.st_mtime_ns, ImageFailure("unreadable", f"{path}: cannot read ({e.strerror})")
-
-
-def _read_uri(uri: str):
-    import pyarrow.fs
-
-    try:
-        fs, inner = pyarrow.fs.FileSystem.from_uri(uri)
-        info = fs.get_file_info(inner)
-        if info.type == pyarrow.fs.FileType.NotFound:
-            return None, None, None, ImageFailure("missing", f"{uri}: no such file or directory")
-        with fs.open_input_file(inner) as f:
-            return f.read(), info.size, info.mtime_ns, None
-    except Exception as e:  # pyarrow raises OSError or its own ArrowException subclasses
-        return None, None, None, ImageFailure("unreadable", f"{uri}: cannot read ({one_line(e)})")
+        return None, ImageFailure("unreadable", f"{path}: is a directory")
+    except Exception as e:  # OSError, or pyarrow's own errors for a URI
+        return None, ImageFailure("unreadable", f"{path}: cannot read ({getattr(e, 'strerror', None) or one_line(e)})")
 
 
 def _done_keys(done) -> set:
@@ -86,9 +92,14 @@ def prepare_batch(batch: pa.Table, spec, max_pixels: int, resume_by: str, done=N
     done_keys = _done_keys(done)
     rows = {name: [] for name in PREPARED.names}
     for path in batch.column("path").to_pylist():
-        data, size, mtime_ns, failure = read_source(path)
-        sha = hashlib.sha256(data).hexdigest() if data is not None else None
-        if done_keys and resume_key(path, size, mtime_ns, sha, resume_by) in done_keys:
+        size, mtime_ns, failure = stat_source(path)
+        if done_keys and resume_by == "path" and resume_key(path, size, mtime_ns, None, "path") in done_keys:
+            continue  # decided from the file's metadata: not even read
+        data, sha = None, None
+        if failure is None:
+            data, failure = read_bytes(path)
+            sha = hashlib.sha256(data).hexdigest() if data is not None else None
+        if done_keys and resume_by == "hash" and resume_key(path, size, mtime_ns, sha, "hash") in done_keys:
             continue
         pixels = None
         if failure is None:

@@ -294,6 +294,8 @@ def test_manifests_and_path_lists_on_ray_started_by_the_cli(archive, guarded_mod
     ((), "--engine ray: give --output FOLDER (the Parquet dataset the rows go to)"),
     (("-o", "x", "--format", "json"), "--engine ray: --format only with --engine local"),
     (("-o", "x", "--eval"), "--engine ray: --eval only with --engine local"),
+    (("-o", "x", "--ray-address", "ray://head:10001"), "--ray-address ray://head:10001: Ray Client (ray://) cannot "
+                                                        "run a Ray Data job"),
 ])
 def test_local_only_options_are_refused_in_one_line(tiny_onnx, extra, message):
     proc = xray_infer("--engine", "ray", "--model", tiny_onnx[0], *extra, "a.png", check=False)
@@ -333,3 +335,25 @@ def test_ray_is_optional_and_ray_data_pulls_in_no_torch(tiny_onnx):
                    f"main(['--engine', 'ray', '--model', {str(tiny_onnx[0])!r}, '-o', 'x', 'a.png'])")
     proc = subprocess.run([sys.executable, "-c", without_ray], capture_output=True, text=True)
     assert proc.returncode == 2 and "--engine ray needs Ray: pip install 'xray-edge[ray]'" in proc.stderr
+
+
+def test_a_commit_cut_short_leaves_no_file_and_never_writes_its_rows_twice(tmp_path, monkeypatch):
+    import xray.infer.ray_parts as parts
+
+    schema = parts.row_schema(CLASSES)
+    writer = parts.PartWriter(tmp_path, schema, part_rows=2)
+    rows = pa.Table.from_pylist([{n: None for n in schema.names} | {"path": f"/{i}.png"} for i in range(3)],
+                                schema=schema)
+    real_write = parts.pq.write_table
+
+    def cut_short(table, where):
+        Path(where).write_bytes(b"PAR1 half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(parts.pq, "write_table", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        writer.add(rows)
+    assert list(tmp_path.iterdir()) == []  # no half-written file left behind
+    monkeypatch.setattr(parts.pq, "write_table", real_write)
+    writer.flush()
+    assert read_rows(tmp_path).column("path").to_pylist() == ["/2.png"]  # the cut part's rows: redone by a resume
