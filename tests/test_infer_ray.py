@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -20,6 +21,10 @@ from conftest import INFER, run_script, xray_infer
 from screenshot_page import find_rg1
 
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # before Ray is imported here or in a subprocess
+# the clusters run with token authentication, the token in the environment (not ~/.ray/auth_token, which other
+# tests or an earlier ray.init may have written): the drivers, in subprocesses, inherit it
+os.environ["RAY_AUTH_MODE"] = "token"
+os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
 CLASSES = ["NORMAL", "PNEUMONIA", "TUBERCULOSIS"]
 CORRUPT = {"garbage.png": "not_an_image", "empty.jpg": "empty", "truncated.jpg": "corrupt", "bad.dcm": "bad_dicom"}
 pytestmark = pytest.mark.xdist_group("ray_cluster")  # one cluster per module, on one worker
@@ -288,6 +293,16 @@ def test_manifests_and_path_lists_on_ray_started_by_the_cli(archive, guarded_mod
     wrong = ray_infer(guarded_model, tmp_path / "x", tmp_path / "m.csv", check_code=2)
     assert wrong.stderr.strip().splitlines()[-1] == (f"error: {tmp_path / 'm.csv'}: no column 'path' (it has id, file); "
                                                      "pass --path-column")
+
+
+def test_a_driver_without_the_clusters_token_is_refused(cluster, archive, guarded_model, tmp_path):
+    cmd = [*INFER, "--engine", "ray", "--model", guarded_model, "--output", tmp_path / "x",
+           "--ray-address", cluster.address, archive / "films"]
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "RAY_AUTH_TOKEN": secrets.token_hex(32)})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"error: --ray-address {cluster.address}: cannot join the Ray cluster" in proc.stderr
+    assert not list((tmp_path / "x").glob("part-*"))
 
 
 @pytest.mark.parametrize("extra, message", [
