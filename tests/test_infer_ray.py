@@ -281,11 +281,18 @@ def test_manifests_and_path_lists_on_ray_started_by_the_cli(archive, guarded_mod
     listing.write_text("\n".join(map(str, films[:2])) + f"\n{tmp_path / 'gone.png'}\n")
     pq.write_table(pa.table({"file": [str(f) for f in films[2:4]]}), tmp_path / "m.parquet")
     (tmp_path / "m.csv").write_text("id,file\n" + "".join(f"{i},{f}\n" for i, f in enumerate(films[4:6])))
+    uri_folder = tmp_path / "bucket"  # a URI goes through pyarrow.fs (as s3:// or gs:// would), listing and reading
+    uri_folder.mkdir()
+    for f in films[:2]:
+        shutil.copy(f, uri_folder / f.name)
     out = tmp_path / "scores"
     proc = ray_infer(guarded_model.parent, out, f"@{listing}", tmp_path / "m.parquet", tmp_path / "m.csv",
-                     extra=["--path-column", "file", "-q"], check_code=1)
+                     f"file://{uri_folder}", extra=["--path-column", "file", "-q"], check_code=1)
     rows = {r["path"]: r for r in read_rows(out).to_pylist()}
-    assert sorted(rows) == sorted([*map(str, films), str(tmp_path / "gone.png")])
+    uris = [f"file://{uri_folder / f.name}" for f in films[:2]]
+    assert sorted(rows) == sorted([*map(str, films), str(tmp_path / "gone.png"), *uris])
+    for uri, film in zip(uris, films):
+        assert rows[uri]["prob_NORMAL"] == rows[str(film)]["prob_NORMAL"] and rows[uri]["size"] == film.stat().st_size
     assert rows[str(tmp_path / "gone.png")]["error_kind"] == "missing"
     assert "Running Dataset" not in proc.stderr  # -q: no progress output
     assert {r["precision"] for r in rows.values()} == {"fp32"}
