@@ -69,10 +69,11 @@ are still in the output); 2 nothing could run (no inputs, bad model, bad option)
                    "(s3://, gs://, ...). Needs the [ray] extra.")
 @click.option("--ray-address", metavar="ADDR", help="--engine ray: join this Ray cluster (default: $RAY_ADDRESS, "
                                                     "else Ray starts on this machine).")
-@click.option("--actors", type=click.IntRange(min=1), help="--engine ray: model actors, each decoding its files and "
-                                                          "running the model (default: one per CPU of the cluster).")
-@click.option("--threads-per-actor", type=click.IntRange(min=1), default=1, show_default=True,
-              help="--engine ray: onnxruntime threads in each actor.")
+@click.option("--actors", type=click.IntRange(min=1), help="--engine ray: model actors, each reading, decoding and "
+                                                          "scoring with every core of its node (default: one per "
+                                                          "node).")
+@click.option("--threads-per-actor", type=click.IntRange(min=0), default=0, show_default=True,
+              help="--engine ray: decoding threads and onnxruntime threads in each actor (0: its node's cores).")
 @click.option("--resume-by", type=click.Choice(["path", "hash"]), default="path", show_default=True,
               help="--engine ray: an input already in --output is skipped when its path, size and modification "
                    "time match (path), or its content's sha256 (hash).")

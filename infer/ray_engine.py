@@ -1,9 +1,9 @@
 """`xray-infer --engine ray`: score an archive on a Ray cluster (or Ray on this machine) into a Parquet dataset.
 
 The pipeline, streamed by Ray Data with backpressure (memory bounded whatever the number of files):
-  paths (listed on the driver) -> prepare_batch tasks (read, decode, preprocess: xray.common)
-  -> Scorer actors (the model, opened once per actor for its node's CPU) -> rows back to the driver, which commits
-  them to part files (xray.infer.ray_parts). Ray retries a task or actor lost with its worker or node; a row
+  paths (listed on the driver, in blocks) -> Scorer actors, one per node by default (read, decode and preprocess
+  with xray.common in threads ahead of the model, opened once per actor for its node's CPU) -> rows back to the
+  driver, which commits them to part files (xray.infer.ray_parts). Ray retries a task or actor lost with its worker or node; a row
   reaches the output once, when its block is delivered.
 
 Ray is imported here only, and only with --engine ray: the edge install stays Ray-free.
@@ -27,12 +27,11 @@ from .model import ENV_VAR, FILES, choose_model, open_model
 from .ray_inputs import list_inputs
 from .ray_parts import PartWriter, prepare_output, row_schema
 
-# Ray's CPU counts are reservations for scheduling, not limits. A decode task and an actor each reserve a
-# fraction, so a node's actors never take every CPU and starve the reads (tried: whole-CPU reservations on a
-# 2 x 1-CPU cluster never started reading); the operating system shares the cores out.
-READ_CPUS = 0.25
+# Ray's CPU counts are reservations for scheduling, not limits. An actor uses every core of its node (decoding
+# threads plus onnxruntime's) but reserves a quarter CPU, so an actor restarted after its node died still finds room
+# on a node that has one already, and Ray Data's own small tasks are never starved.
 ACTOR_CPUS = 0.25
-PATHS_PER_TASK = 16  # files per read task: small enough to spread over the cluster, big enough to amortise a task
+PATHS_PER_CALL = 32  # files per actor call (a Ray Data block): small enough to spread, big enough to decode ahead
 
 
 @dataclass
@@ -44,7 +43,7 @@ class Options:
     force_int8: bool = False
     ray_address: str | None = None
     actors: int | None = None
-    threads_per_actor: int = 1
+    threads_per_actor: int = 0
     batch_size: int = 16
     max_pixels: int = 0
     ood_action: str = "flag"
@@ -113,7 +112,7 @@ def run(o: Options) -> int:
     writer, tally = PartWriter(out, schema, o.part_rows), Tally()
     started = time.monotonic()
     try:
-        ds = build_dataset(ray, o, paths, info.spec, done, files, model_file)
+        ds = build_dataset(ray, o, paths, done, files, model_file)
         with CtrlC() as ctrl_c:
             for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 writer.add(block)
@@ -180,26 +179,22 @@ def start_ray(ray, o: Options):
     ctx.print_on_execution_start = False
 
 
-def build_dataset(ray, o: Options, paths, spec, done: set, files, model_file):
+def build_dataset(ray, o: Options, paths, done: set, files, model_file):
+    """paths -> the Scorer actor pool (spread over the nodes by Ray Data) -> rows; nothing runs until iterated."""
     from ray.data import ActorPoolStrategy
 
-    from .ray_tasks import Scorer, prepare_batch
+    from .ray_tasks import Scorer
 
     nodes = [n for n in ray.nodes() if n.get("Alive")]
-    cpus = sum(n["Resources"].get("CPU", 0) for n in nodes)
-    # Ray Data fuses the decode stage into the actors (same resources, one after the other): an actor decodes its
-    # files on one core and runs them through the model, so the default is one actor per CPU of the cluster
-    pool = ActorPoolStrategy(size=o.actors or max(len(nodes), int(cpus)))
-    items = [{"path": p} for p in paths]
-    ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / PATHS_PER_TASK)))
-    ds = ds.map_batches(prepare_batch, batch_format="pyarrow", batch_size=None, num_cpus=READ_CPUS,
-                        fn_kwargs={"spec": spec, "max_pixels": o.max_pixels, "resume_by": o.resume_by,
-                                   "done": [ray.put(done)] if done else None})
-    return ds.map_batches(Scorer, batch_format="pyarrow", batch_size=o.batch_size, compute=pool,
-                          num_cpus=ACTOR_CPUS,
-                          fn_constructor_kwargs={"model_files": [ray.put(files)], "model_file": model_file,
-                                                 "precision": o.precision, "threads": o.threads_per_actor,
-                                                 "force_int8": o.force_int8, "ood_action": o.ood_action})
+    ds = ray.data.from_items([{"path": p} for p in paths],
+                             override_num_blocks=max(1, math.ceil(len(paths) / PATHS_PER_CALL)))
+    return ds.map_batches(Scorer, batch_format="pyarrow", batch_size=PATHS_PER_CALL,
+                          compute=ActorPoolStrategy(size=o.actors or len(nodes)), num_cpus=ACTOR_CPUS,
+                          fn_constructor_kwargs={
+                              "model_files": [ray.put(files)], "model_file": model_file, "precision": o.precision,
+                              "threads": o.threads_per_actor, "force_int8": o.force_int8, "ood_action": o.ood_action,
+                              "batch_size": o.batch_size, "max_pixels": o.max_pixels, "resume_by": o.resume_by,
+                              "done": [ray.put(done)] if done else None})
 
 
 def failure_line(e: Exception) -> str:

@@ -1,11 +1,9 @@
-"""The two stages `xray-infer --engine ray` runs on the cluster's workers.
+"""What `xray-infer --engine ray` runs on the cluster's workers: the Scorer actor.
 
-`prepare_batch` (Ray tasks): read each file's bytes (local path, or a URI through pyarrow.fs), skip it if the output
-already holds it (--resume), decode + preprocess with the same `xray.common` functions as the local engine. The
-model input travels as float32 bytes, exactly as computed.
-
-`Scorer` (an actor pool): each actor writes the shipped model files to a temporary folder on its own node and opens
-them once through `xray.infer.model.open_model`, so int8 or fp32 is chosen for that node's CPU.
+Each actor writes the shipped model files to a temporary folder on its own node and opens them once through
+`xray.infer.model.open_model`, so int8 or fp32 is chosen for that node's CPU. For each block of paths it reads the
+files (a local path, or a URI through pyarrow.fs), skips those the output already holds (resume), decodes and
+preprocesses them with the same `xray.common` functions as the local engine, and runs the model.
 """
 from __future__ import annotations
 
@@ -13,6 +11,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -21,15 +20,10 @@ import pyarrow as pa
 from xray.common.errors import one_line
 
 from .formats import OOD_LABEL
-from .model import open_model
+from .model import cpu_count, open_model
 from .predict import ImageFailure, prepare_or_error
 from .ray_inputs import is_uri
-from .ray_parts import prob_column, resume_key
-
-PREPARED = pa.schema([("path", pa.string()), ("size", pa.int64()), ("mtime_ns", pa.int64()), ("sha256", pa.string()),
-                      ("pixels", pa.large_binary()), ("error_kind", pa.string()), ("error", pa.string())])
-
-_DONE_CACHE: dict = {}  # per worker process: the resume keys, fetched once, not once per task
+from .ray_parts import prob_column, resume_key, row_schema
 
 
 def stat_source(path: str) -> tuple[int | None, int | None, ImageFailure | None]:
@@ -73,50 +67,13 @@ def read_bytes(path: str) -> tuple[bytes | None, ImageFailure | None]:
         return None, ImageFailure("unreadable", f"{path}: cannot read ({getattr(e, 'strerror', None) or one_line(e)})")
 
 
-def _done_keys(done) -> set:
-    """done: None, or [ObjectRef of the set of resume keys] (a list, so Ray passes the reference, not the set)."""
-    if not done:
-        return set()
-    ref = done[0]
-    key = ref.hex()
-    if key not in _DONE_CACHE:
-        import ray
-
-        _DONE_CACHE.clear()
-        _DONE_CACHE[key] = ray.get(ref)
-    return _DONE_CACHE[key]
-
-
-def prepare_batch(batch: pa.Table, spec, max_pixels: int, resume_by: str, done=None) -> pa.Table:
-    """Paths -> prepared rows (model input or error), leaving out inputs the output already holds."""
-    done_keys = _done_keys(done)
-    rows = {name: [] for name in PREPARED.names}
-    for path in batch.column("path").to_pylist():
-        size, mtime_ns, failure = stat_source(path)
-        if done_keys and resume_by == "path" and resume_key(path, size, mtime_ns, None, "path") in done_keys:
-            continue  # decided from the file's metadata: not even read
-        data, sha = None, None
-        if failure is None:
-            data, failure = read_bytes(path)
-            sha = hashlib.sha256(data).hexdigest() if data is not None else None
-        if done_keys and resume_by == "hash" and resume_key(path, size, mtime_ns, sha, "hash") in done_keys:
-            continue
-        pixels = None
-        if failure is None:
-            array, failure = prepare_or_error(data, spec, max_pixels, name=path)
-            pixels = None if array is None else np.ascontiguousarray(array, dtype=np.float32).tobytes()
-        del data
-        for name, value in zip(PREPARED.names, (path, size, mtime_ns, sha, pixels, failure and failure.kind,
-                                                 failure and failure.message)):
-            rows[name].append(value)
-    return pa.table(rows, schema=PREPARED)
-
-
 class Scorer:
-    """One model per actor, opened once; prepared rows in, result rows out."""
+    """One model per actor, opened once. Paths in, result rows out: a thread pool reads and decodes the block's files
+    ahead while onnxruntime runs the batch in hand, as the local engine does (PIL, pydicom's numpy work, hashlib and
+    onnxruntime release the GIL), so one actor keeps its node's cores busy with one process's memory."""
 
     def __init__(self, model_files, model_file: str | None, precision: str, threads: int, force_int8: bool,
-                 ood_action: str):
+                 ood_action: str, batch_size: int, max_pixels: int, resume_by: str, done):
         import ray
 
         files = ray.get(model_files[0])  # {file name: bytes}: the driver's export, shipped once per actor
@@ -129,38 +86,56 @@ class Scorer:
         finally:  # onnxruntime has read the file: nothing stays behind on the node
             shutil.rmtree(folder, ignore_errors=True)
         info = self.model.info
-        self.classes, self.ood_action = info.classes, ood_action
+        self.classes, self.spec, self.ood_action = info.classes, info.spec, ood_action
+        self.batch_size, self.max_pixels, self.resume_by = batch_size, max_pixels, resume_by
+        self.done = ray.get(done[0]) if done else set()  # the resume keys (a list: Ray passes the reference as is)
+        self.pool = ThreadPoolExecutor(threads or cpu_count(), thread_name_prefix="xray-decode")
         self.constants = {"model_name": info.model_name, "checkpoint_sha256": info.checkpoint_sha256,
                           "precision": info.precision, "node_id": ray.get_runtime_context().get_node_id()}
-        self.shape = (info.spec.channels, info.spec.input_size, info.spec.input_size)
+
+    def prepare(self, path: str) -> dict | None:
+        """One input -> its row so far and the model input (None: the output already holds it)."""
+        size, mtime_ns, failure = stat_source(path)
+        if self.done and self.resume_by == "path" and resume_key(path, size, mtime_ns, None, "path") in self.done:
+            return None  # decided from the file's metadata: not even read
+        data = sha = array = None
+        if failure is None:
+            data, failure = read_bytes(path)
+            sha = hashlib.sha256(data).hexdigest() if data is not None else None
+        if self.done and self.resume_by == "hash" and resume_key(path, size, mtime_ns, sha, "hash") in self.done:
+            return None
+        if failure is None:
+            array, failure = prepare_or_error(data, self.spec, self.max_pixels, name=path)
+        return {"path": path, "size": size, "mtime_ns": mtime_ns, "sha256": sha, "array": array,
+                "error_kind": failure and failure.kind, "error": failure and failure.message}
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        n = batch.num_rows
-        pixels = batch.column("pixels").to_pylist()
-        ok = [i for i, p in enumerate(pixels) if p is not None]
-        probs = np.full((n, len(self.classes)), np.nan)
-        ood = [None] * n
-        ood_score = [None] * n
+        rows, chunk = [], []
+        for row in self.pool.map(self.prepare, batch.column("path").to_pylist()):  # in order, decoded ahead
+            if row is None:
+                continue
+            chunk.append(row)
+            if len(chunk) == self.batch_size:
+                rows += self.score(chunk)
+                chunk = []
+        rows += self.score(chunk)
+        return self.table(rows)
+
+    def score(self, rows: list[dict]) -> list[dict]:
+        ok = [r for r in rows if r["array"] is not None]
         if ok:
-            arrays = np.stack([np.frombuffer(pixels[i], dtype=np.float32).reshape(self.shape) for i in ok])
-            out = self.model.predict(arrays)
-            probs[ok] = out.probs
-            if out.ood is not None:
-                for k, i in enumerate(ok):
-                    ood[i], ood_score[i] = bool(out.ood[k]), float(out.ood_score[k])
-        prediction = [None] * n
-        for i in ok:
-            prediction[i] = OOD_LABEL if ood[i] and self.ood_action == "abstain" else self.classes[int(probs[i].argmax())]
-        okset = set(ok)
-        columns = {name: batch.column(name) for name in ("path", "size", "mtime_ns", "sha256")}
-        columns["prediction"] = pa.array(prediction, pa.string())
-        for k, c in enumerate(self.classes):
-            columns[prob_column(c)] = pa.array([float(probs[i, k]) if i in okset else None for i in range(n)],
-                                               pa.float64())
-        columns["ood"] = pa.array(ood, pa.bool_())
-        columns["ood_score"] = pa.array(ood_score, pa.float64())
-        columns["error_kind"] = batch.column("error_kind")
-        columns["error"] = batch.column("error")
-        for name, value in self.constants.items():
-            columns[name] = pa.array([value] * n, pa.string())
-        return pa.table(columns)
+            out = self.model.predict(np.stack([r.pop("array") for r in ok]))
+            for k, r in enumerate(ok):
+                probs = out.probs[k]
+                r["ood"] = None if out.ood is None else bool(out.ood[k])
+                r["ood_score"] = None if out.ood_score is None else float(out.ood_score[k])
+                flagged = r["ood"] and self.ood_action == "abstain"
+                r["prediction"] = OOD_LABEL if flagged else self.classes[int(probs.argmax())]
+                r.update({prob_column(c): float(p) for c, p in zip(self.classes, probs)})
+        return rows
+
+    def table(self, rows: list[dict]) -> pa.Table:
+        for r in rows:
+            r.pop("array", None)
+            r.update(self.constants)
+        return pa.Table.from_pylist(rows, schema=row_schema(self.classes))
