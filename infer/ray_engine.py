@@ -31,6 +31,7 @@ from .ray_parts import PartWriter, prepare_output, row_schema
 # threads plus onnxruntime's) but reserves a quarter CPU, so an actor restarted after its node died still finds room
 # on a node that has one already, and Ray Data's own small tasks are never starved.
 ACTOR_CPUS = 0.25
+ACTORS_START_S = 600  # the pool has this long to open the model on every node
 PATHS_PER_CALL = 32  # files per actor call (a Ray Data block): small enough to spread, big enough to decode ahead
 
 
@@ -177,10 +178,12 @@ def start_ray(ray, o: Options):
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = not o.quiet
     ctx.print_on_execution_start = False
+    ctx.wait_for_min_actors_s = ACTORS_START_S  # every node's actor up before the first block: none left idle
 
 
 def build_dataset(ray, o: Options, paths, done: set, files, model_file):
-    """paths -> the Scorer actor pool (spread over the nodes by Ray Data) -> rows; nothing runs until iterated."""
+    """paths -> the Scorer actor pool (spread over the nodes by Ray Data) -> rows; nothing runs until iterated.
+    MALLOC_ARENA_MAX: glibc gives every decoding thread its own heap, which keeps what a 5 MP DICOM once needed."""
     from ray.data import ActorPoolStrategy
 
     from .ray_tasks import Scorer
@@ -190,6 +193,7 @@ def build_dataset(ray, o: Options, paths, done: set, files, model_file):
                              override_num_blocks=max(1, math.ceil(len(paths) / PATHS_PER_CALL)))
     return ds.map_batches(Scorer, batch_format="pyarrow", batch_size=PATHS_PER_CALL,
                           compute=ActorPoolStrategy(size=o.actors or len(nodes)), num_cpus=ACTOR_CPUS,
+                          runtime_env={"env_vars": {"MALLOC_ARENA_MAX": "2"}},
                           fn_constructor_kwargs={
                               "model_files": [ray.put(files)], "model_file": model_file, "precision": o.precision,
                               "threads": o.threads_per_actor, "force_int8": o.force_int8, "ood_action": o.ood_action,

@@ -262,8 +262,12 @@ def test_resume_by_hash_recognises_touched_files_and_path_mode_does_not(cluster,
     films = tmp_path / "films"
     shutil.copytree(archive / "films" / "NORMAL", films)
     out = tmp_path / "scores"
-    ray_infer(guarded_model, out, films, address=cluster.address, check_code=0)
-    n = read_rows(out).num_rows
+    ray_infer(guarded_model, out, films, address=cluster.address, extra=["--resume-by", "hash"], check_code=0)
+    rows = read_rows(out)
+    n = rows.num_rows
+    import hashlib
+    assert {r["path"]: r["sha256"] for r in rows.to_pylist()} == {
+        str(f): hashlib.sha256(f.read_bytes()).hexdigest() for f in films.iterdir()}
     later = time.time() + 100
     for f in films.iterdir():
         os.utime(f, (later, later))
@@ -271,6 +275,21 @@ def test_resume_by_hash_recognises_touched_files_and_path_mode_does_not(cluster,
     assert "scored 0 files" in proc.stderr and read_rows(out).num_rows == n
     proc = ray_infer(guarded_model, out, films, address=cluster.address, check_code=0)
     assert f"scored {n} files" in proc.stderr and read_rows(out).num_rows == 2 * n  # path + size + mtime changed
+    assert read_rows(out).column("sha256").null_count == n  # path mode does not hash
+
+
+def test_an_output_written_without_hashes_is_not_resumed_by_hash(tmp_path):
+    from xray.common.errors import XrayError
+    from xray.infer.ray_parts import PartWriter, prepare_output, row_schema
+
+    schema = row_schema(CLASSES)
+    writer = PartWriter(tmp_path, schema, part_rows=10)
+    writer.add(pa.Table.from_pylist([{n: None for n in schema.names} | {"path": "/x.png", "size": 3, "mtime_ns": 5}],
+                                    schema=schema))
+    writer.flush()
+    assert prepare_output(tmp_path, schema, "", "path") == {("/x.png", 3, 5)}
+    with pytest.raises(XrayError, match=r"written without content hashes \(--resume-by path\); resume it with"):
+        prepare_output(tmp_path, schema, "", "hash")
 
 
 def test_manifests_and_path_lists_on_ray_started_by_the_cli(archive, guarded_model, tmp_path):
