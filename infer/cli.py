@@ -97,7 +97,7 @@ def main(inputs, model_path, precision, force_int8, fmt, top_k, output, threads,
     if not inputs:
         raise XrayError("no input: give image files, folders, globs, or - to read paths from stdin (see --help)")
     if engine == "ray":
-        check_ray_options(output, fmt, top_k, evaluate, heatmap_dir, inputs)
+        check_ray_options(output, fmt, top_k, evaluate, heatmap_dir, inputs, threads, workers)
         from .ray_engine import Options, run
 
         sys.exit(run(Options(inputs, output, model_path, precision, force_int8, ray_address, actors,
@@ -158,12 +158,16 @@ def main(inputs, model_path, precision, force_int8, fmt, top_k, output, threads,
     sys.exit(EXIT_FAILURE if failed else EXIT_OK)
 
 
-def check_ray_options(output, fmt, top_k, evaluate, heatmap_dir, inputs):
+def check_ray_options(output, fmt, top_k, evaluate, heatmap_dir, inputs, threads, workers):
     """--engine ray writes Parquet rows; what only the local engine does is refused in one line."""
     if not output:
         raise XrayError("--engine ray: give --output FOLDER (the Parquet dataset the rows go to)")
+    if "://" in output:
+        raise XrayError(f"--output {output}: --engine ray writes to a local folder (copy it to object storage after)")
     given = [name for name, value in (("--format", fmt != "table"), ("--top-k", top_k), ("--eval", evaluate),
-                                      ("--heatmap", heatmap_dir), ("- (stdin)", "-" in inputs)) if value]
+                                      ("--heatmap", heatmap_dir), ("- (stdin)", "-" in inputs),
+                                      ("--threads (use --threads-per-actor)", threads),
+                                      ("--workers (use --threads-per-actor)", workers is not None)) if value]
     if given:
         raise XrayError(f"--engine ray: {', '.join(given)} only with --engine local (ray writes Parquet rows; "
                         "read them with pyarrow or pandas)")

@@ -10,22 +10,24 @@ Ray is imported here only, and only with --engine ray: the edge install stays Ra
 """
 from __future__ import annotations
 
-import math
+import logging
 import os
 import signal
 import sys
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
+import pyarrow as pa
 
 from xray.common.errors import EXIT_FAILURE, EXIT_OK, XrayError
 
 from .model import ENV_VAR, FILES, choose_model, open_model
 from .ray_inputs import list_inputs
-from .ray_parts import PartWriter, prepare_output, row_schema
+from .ray_parts import PartWriter, lock_output, prepare_output, row_schema
 
 # Ray's CPU counts are reservations for scheduling, not limits. An actor uses every core of its node (decoding
 # threads plus onnxruntime's) but reserves a quarter CPU, so an actor restarted after its node died still finds room
@@ -107,26 +109,28 @@ def run(o: Options) -> int:
     out = Path(o.output)
     info = model.info
     schema = row_schema(info.classes)
-    done = prepare_output(out, schema, info.checkpoint_sha256, o.resume_by)
     files, model_file = model_files(o.model_path, o.precision)
-    start_ray(ray, o)
+    start_ray(ray, o)  # before the output folder is touched: a wrong address leaves nothing behind
     writer, tally = PartWriter(out, schema, o.part_rows), Tally()
     started = time.monotonic()
     try:
+        lock = lock_output(out)  # noqa: F841 (held open until the job ends)
+        done = prepare_output(out, schema, info.checkpoint_sha256, o.resume_by)
         ds = build_dataset(ray, o, paths, done, files, model_file)
         with CtrlC() as ctrl_c:
             for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                writer.add(block)
-                tally.add(block)
-                if ctrl_c.pressed:
-                    raise KeyboardInterrupt
+                with ctrl_c.writing():
+                    writer.add(block)
+                    tally.add(block)
     except KeyboardInterrupt:
         writer.flush()
         click.echo(f"interrupted: {tally.rows} rows committed to {out}; run the same command again to score the rest",
                    err=True)
         sys.exit(130)
-    except ray.exceptions.RayError as e:  # e.g. no node could open the model: one line, the rows so far kept
-        writer.flush()
+    except XrayError:
+        raise
+    except Exception as e:  # a worker's error Ray gave up on (the model opens on no node, a block that fails on every
+        writer.flush()      # retry), Ray Data's own timeout, a full disk: one line, the rows so far kept
         raise XrayError(f"the Ray job failed ({failure_line(e)}); the {tally.rows} rows scored before are committed "
                         f"to {out}, and a re-run scores the rest", EXIT_FAILURE) from None
     finally:
@@ -139,20 +143,30 @@ def run(o: Options) -> int:
 
 
 class CtrlC:
-    """The first Ctrl-C stops the job once the block in hand is written (never in the middle of a write); a second
-    one stops at once (the part files committed so far stay whole either way)."""
+    """Ctrl-C stops the job at once, except while a block's rows are being written: then it stops right after
+    (a second Ctrl-C stops at once even there; the part files committed stay whole either way)."""
 
-    pressed = False
+    pressed = in_write = False
 
     def __enter__(self):
         self.before = signal.signal(signal.SIGINT, self._handle)
         return self
 
     def _handle(self, *_):
-        if self.pressed:
+        if self.pressed or not self.in_write:
             raise KeyboardInterrupt
         self.pressed = True
         click.echo("stopping after the rows in hand are written (Ctrl-C again to stop at once)", err=True)
+
+    @contextmanager
+    def writing(self):
+        self.in_write = True
+        try:
+            yield
+        finally:
+            self.in_write = False
+        if self.pressed:
+            raise KeyboardInterrupt
 
     def __exit__(self, *_):
         signal.signal(signal.SIGINT, self.before)
@@ -172,13 +186,15 @@ def start_ray(ray, o: Options):
     try:
         ray.init(address=address, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
                  configure_logging=True)
-    except ConnectionError as e:
+    except (ConnectionError, ValueError, RuntimeError) as e:  # nobody there, a malformed address, another version
         raise XrayError(f"--ray-address {address}: cannot join the Ray cluster ({str(e).splitlines()[0][:200]})") \
             from None
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = not o.quiet
     ctx.print_on_execution_start = False
     ctx.wait_for_min_actors_s = ACTORS_START_S  # every node's actor up before the first block: none left idle
+    # a failure Ray gives up on becomes our one line; Ray Data would log its whole stack trace first
+    logging.getLogger("ray.data").setLevel(logging.CRITICAL)
 
 
 def build_dataset(ray, o: Options, paths, done: set, files, model_file):
@@ -188,11 +204,12 @@ def build_dataset(ray, o: Options, paths, done: set, files, model_file):
 
     from .ray_tasks import Scorer
 
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    ds = ray.data.from_items([{"path": p} for p in paths],
-                             override_num_blocks=max(1, math.ceil(len(paths) / PATHS_PER_CALL)))
+    nodes = [n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) >= ACTOR_CPUS]  # not a
+    # head started with --num-cpus 0
+    table = pa.table({"path": paths})
+    ds = ray.data.from_arrow([table.slice(i, PATHS_PER_CALL) for i in range(0, len(paths), PATHS_PER_CALL)])
     return ds.map_batches(Scorer, batch_format="pyarrow", batch_size=PATHS_PER_CALL,
-                          compute=ActorPoolStrategy(size=o.actors or len(nodes)), num_cpus=ACTOR_CPUS,
+                          compute=ActorPoolStrategy(size=o.actors or max(1, len(nodes))), num_cpus=ACTOR_CPUS,
                           runtime_env={"env_vars": {"MALLOC_ARENA_MAX": "2"}},
                           fn_constructor_kwargs={
                               "model_files": [ray.put(files)], "model_file": model_file, "precision": o.precision,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import PurePosixPath
+from urllib.parse import unquote, urlparse
 
 from xray.common.errors import XrayError
 from xray.common.imageio import is_supported
@@ -39,6 +40,8 @@ def _expand(arg: str, path_column: str) -> tuple[list[str], list[tuple[str, str]
         return [_absolute(p) for p in _read_text(arg[1:]).splitlines() if p.strip() and not p.startswith("#")], []
     if arg.lower().endswith(MANIFEST_SUFFIXES) and (is_uri(arg) or os.path.isfile(arg)):
         return [_absolute(p) for p in read_manifest(arg, path_column)], []
+    if arg.startswith("file://"):
+        arg = _absolute(arg)
     if is_uri(arg):
         return _list_uri(arg)
     files, errors = collect_inputs([arg])
@@ -46,7 +49,10 @@ def _expand(arg: str, path_column: str) -> tuple[list[str], list[tuple[str, str]
 
 
 def _absolute(path: str) -> str:
+    """One spelling per file: a local path made absolute, file:// turned into that path; other URIs as given."""
     path = path.strip()
+    if path.startswith("file://"):
+        return os.path.abspath(unquote(urlparse(path).path))
     return path if is_uri(path) else os.path.abspath(path)
 
 
@@ -64,16 +70,25 @@ def _read_text(source: str) -> str:
 
 def read_manifest(source: str, column: str) -> list[str]:
     """The path column of a CSV or Parquet manifest (only that column is read)."""
+    import pyarrow
     import pyarrow.csv
     import pyarrow.parquet
 
     try:
         if source.lower().endswith(".csv"):
-            names = pyarrow.csv.read_csv(source, read_options=pyarrow.csv.ReadOptions(block_size=1 << 20)).column_names
+            def stream():  # a URI through pyarrow.fs (pyarrow.csv opens only local files by name)
+                if is_uri(source):
+                    fs, inner = _filesystem(source)
+                    return fs.open_input_stream(inner)
+                return pyarrow.input_stream(source)
+
+            with stream() as f:
+                names = pyarrow.csv.open_csv(f).schema.names
             if column not in names:
                 raise XrayError(f"{source}: no column '{column}' (it has {', '.join(names)}); pass --path-column")
-            table = pyarrow.csv.read_csv(source, convert_options=pyarrow.csv.ConvertOptions(
-                include_columns=[column], column_types={column: "string"}))
+            with stream() as f:
+                table = pyarrow.csv.read_csv(f, convert_options=pyarrow.csv.ConvertOptions(
+                    include_columns=[column], column_types={column: "string"}))
         else:
             names = pyarrow.parquet.read_schema(source).names
             if column not in names:
@@ -106,10 +121,11 @@ def _list_uri(uri: str) -> tuple[list[str], list[tuple[str, str]]]:
         return [], [(uri, f"{uri}: no such file or directory")]
     if info.type != pyarrow.fs.FileType.Directory:
         return [uri], []
-    scheme = uri.split("://", 1)[0]
+    scheme, query = uri.split("://", 1)[0], urlparse(uri).query  # the query: endpoint_override, region, ...
+    root = PurePosixPath(inner.rstrip("/"))
     found = sorted(i.path for i in fs.get_file_info(pyarrow.fs.FileSelector(inner, recursive=True))
                    if i.type == pyarrow.fs.FileType.File and is_supported(i.path)
-                   and not any(part.startswith(".") for part in PurePosixPath(i.path).parts))
+                   and not any(part.startswith(".") for part in PurePosixPath(i.path).relative_to(root).parts))
     if not found:
         return [], [(uri, f"{uri}: folder has no supported images")]
-    return [f"{scheme}://{p}" for p in found], []
+    return [f"{scheme}://{p}" + (f"?{query}" if query else "") for p in found], []

@@ -62,7 +62,7 @@ def prepare_output(out: Path, schema: pa.Schema, checkpoint_sha256: str, resume_
         return set()
     try:
         existing = pq.read_schema(parts[0])
-        table = pq.read_table(parts, columns=["path", "size", "mtime_ns", "sha256", "checkpoint_sha256"])
+        table = pq.read_table(parts, columns=["path", "size", "mtime_ns", "sha256", "error_kind", "checkpoint_sha256"])
     except Exception as e:  # another program's files, or a part damaged after it was written
         raise XrayError(f"--output {out}: cannot read its part files ({str(e).splitlines()[0][:200]}); "
                         "give a new folder") from None
@@ -73,7 +73,8 @@ def prepare_output(out: Path, schema: pa.Schema, checkpoint_sha256: str, resume_
     if models:
         raise XrayError(f"--output {out}: holds results of another model (checkpoint {sorted(models)[0][:12]}…); "
                         "give a new folder, or the same model")
-    if resume_by == "hash" and table.column("sha256").null_count == table.num_rows:
+    read = [kind not in ("missing", "unreadable") for kind in table.column("error_kind").to_pylist()]
+    if resume_by == "hash" and any(r and h is None for r, h in zip(read, table.column("sha256").to_pylist())):
         raise XrayError(f"--output {out}: its rows were written without content hashes (--resume-by path); resume it "
                         "with --resume-by path, or give a new folder for --resume-by hash")
     cols = [table.column(c).to_pylist() for c in ("path", "size", "mtime_ns", "sha256")]
@@ -107,6 +108,7 @@ class PartWriter:
 
     def _commit(self, table: pa.Table):
         name = f"part-{self.job}-{self.parts:05d}.parquet"
+        self.parts += 1  # first: a commit cut short never leaves its name to the next one
         tmp = self.out / f".{name}.tmp"
         try:
             pq.write_table(table, tmp)
@@ -121,4 +123,20 @@ class PartWriter:
             os.fsync(fd)
         finally:
             os.close(fd)
-        self.parts += 1
+
+
+def lock_output(out: Path):
+    """One job per output folder: a second one would score the same files and delete the first one's temporary
+    part. The lock (flock on OUT/.lock) goes with the process, however it ends: keep the returned file open while
+    writing."""
+    import fcntl
+
+    out.mkdir(parents=True, exist_ok=True)
+    lock = open(out / ".lock", "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise XrayError(f"--output {out}: another xray-infer job is writing to this folder; wait for it or give "
+                        "another folder") from None
+    return lock

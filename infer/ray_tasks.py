@@ -76,6 +76,11 @@ class Scorer:
                  ood_action: str, batch_size: int, max_pixels: int, resume_by: str, done):
         import ray
 
+        node_id = ray.get_runtime_context().get_node_id()
+        # 0: as many threads as the node has CPUs for Ray (which follows a container's CPU limit; the machine's core
+        # count may not)
+        threads = threads or max(1, int(next((n["Resources"].get("CPU", 0) for n in ray.nodes()
+                                              if n["NodeID"] == node_id), 0)) or cpu_count())
         files = ray.get(model_files[0])  # {file name: bytes}: the driver's export, shipped once per actor
         folder = Path(tempfile.mkdtemp(prefix="xray-ray-model-"))
         try:
@@ -89,9 +94,9 @@ class Scorer:
         self.classes, self.spec, self.ood_action = info.classes, info.spec, ood_action
         self.batch_size, self.max_pixels, self.resume_by = batch_size, max_pixels, resume_by
         self.done = ray.get(done[0]) if done else set()  # the resume keys (a list: Ray passes the reference as is)
-        self.pool = ThreadPoolExecutor(threads or cpu_count(), thread_name_prefix="xray-decode")
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="xray-decode")
         self.constants = {"model_name": info.model_name, "checkpoint_sha256": info.checkpoint_sha256,
-                          "precision": info.precision, "node_id": ray.get_runtime_context().get_node_id()}
+                          "precision": info.precision, "node_id": node_id}
 
     def prepare(self, path: str) -> dict | None:
         """One input -> its row so far and the model input (None: the output already holds it)."""

@@ -21,13 +21,23 @@ from conftest import INFER, run_script, xray_infer
 from screenshot_page import find_rg1
 
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # before Ray is imported here or in a subprocess
-# the clusters run with token authentication, the token in the environment (not ~/.ray/auth_token, which other
-# tests or an earlier ray.init may have written): the drivers, in subprocesses, inherit it
-os.environ["RAY_AUTH_MODE"] = "token"
-os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
 CLASSES = ["NORMAL", "PNEUMONIA", "TUBERCULOSIS"]
 CORRUPT = {"garbage.png": "not_an_image", "empty.jpg": "empty", "truncated.jpg": "corrupt", "bad.dcm": "bad_dicom"}
 pytestmark = pytest.mark.xdist_group("ray_cluster")  # one cluster per module, on one worker
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_token():
+    """The clusters run with token authentication, the token in the environment (not ~/.ray/auth_token, which other
+    tests or an earlier ray.init may have written): the drivers, in subprocesses, inherit it. Restored after."""
+    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 @pytest.fixture(scope="module")
@@ -210,7 +220,7 @@ def test_a_worker_node_killed_mid_job_the_job_completes_with_every_row_once(clus
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 1, err[-4000:]  # 1: the corrupt files; the job itself completed
+    assert proc.returncode == 1 and "the Ray job failed" not in err, err[-4000:]  # 1: the corrupt files
     paths = read_rows(out).column("path").to_pylist()
     assert sorted(paths) == all_files(big_archive), "every input exactly once"
 
@@ -233,6 +243,7 @@ def test_an_interrupted_job_resumes_where_it_stopped_and_a_half_written_part_is_
     half.write_bytes(b"PAR1 cut short")
 
     proc = ray_infer(guarded_model, out, big_archive, address=cluster.address, check_code=1)
+    assert "the Ray job failed" not in proc.stderr  # exit 1 for the corrupt files only
     assert not half.exists(), "the next run removes a killed job's temporary file"
     rows = read_rows(out)
     assert sorted(rows.column("path").to_pylist()) == files, "resumed: every input once, none twice"
@@ -255,7 +266,7 @@ def test_ctrl_c_commits_the_rows_scored_so_far_and_exits_130(cluster, big_archiv
     assert proc.returncode == 130, err[-3000:]
     committed = read_rows(out).num_rows
     assert f"interrupted: {committed} rows committed to {out}; run the same command again" in err
-    assert 0 < committed < len(all_files(big_archive)) and not list(out.glob(".*"))
+    assert 0 < committed < len(all_files(big_archive)) and not list(out.glob(".part-*"))
 
 
 def test_resume_by_hash_recognises_touched_files_and_path_mode_does_not(cluster, archive, guarded_model, tmp_path):
@@ -306,12 +317,13 @@ def test_manifests_and_path_lists_on_ray_started_by_the_cli(archive, guarded_mod
         shutil.copy(f, uri_folder / f.name)
     out = tmp_path / "scores"
     proc = ray_infer(guarded_model.parent, out, f"@{listing}", tmp_path / "m.parquet", tmp_path / "m.csv",
-                     f"file://{uri_folder}", extra=["--path-column", "file", "-q"], check_code=1)
+                     f"file://{uri_folder}", f"file://{films[0]}", extra=["--path-column", "file", "-q"],
+                     check_code=1)  # the last: a file:// spelling of a file listed already, scored once
     rows = {r["path"]: r for r in read_rows(out).to_pylist()}
-    uris = [f"file://{uri_folder / f.name}" for f in films[:2]]
-    assert sorted(rows) == sorted([*map(str, films), str(tmp_path / "gone.png"), *uris])
-    for uri, film in zip(uris, films):
-        assert rows[uri]["prob_NORMAL"] == rows[str(film)]["prob_NORMAL"] and rows[uri]["size"] == film.stat().st_size
+    copies = [str(uri_folder / f.name) for f in films[:2]]  # a file:// URI is its local path: one spelling per file
+    assert sorted(rows) == sorted([*map(str, films), str(tmp_path / "gone.png"), *copies])
+    for copy, film in zip(copies, films):
+        assert rows[copy]["prob_NORMAL"] == rows[str(film)]["prob_NORMAL"] and rows[copy]["size"] == film.stat().st_size
     assert rows[str(tmp_path / "gone.png")]["error_kind"] == "missing"
     assert "Running Dataset" not in proc.stderr  # -q: no progress output
     assert {r["precision"] for r in rows.values()} == {"fp32"}
@@ -331,10 +343,29 @@ def test_a_driver_without_the_clusters_token_is_refused(cluster, archive, guarde
     assert not list((tmp_path / "x").glob("part-*"))
 
 
+def test_a_malformed_address_is_one_line_and_leaves_no_output_folder(archive, guarded_model, tmp_path):
+    proc = ray_infer(guarded_model, tmp_path / "x", archive / "films", address="not an address", check_code=2)
+    assert "error: --ray-address not an address: cannot join the Ray cluster" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "x").exists()
+
+
+def test_one_job_per_output_folder(tmp_path):
+    from xray.common.errors import XrayError
+    from xray.infer.ray_parts import lock_output
+
+    held = lock_output(tmp_path / "scores")
+    with pytest.raises(XrayError, match="another xray-infer job is writing to this folder"):
+        lock_output(tmp_path / "scores")
+    held.close()
+    lock_output(tmp_path / "scores").close()  # free again once the first job is gone
+
+
 @pytest.mark.parametrize("extra, message", [
     ((), "--engine ray: give --output FOLDER (the Parquet dataset the rows go to)"),
     (("-o", "x", "--format", "json"), "--engine ray: --format only with --engine local"),
     (("-o", "x", "--eval"), "--engine ray: --eval only with --engine local"),
+    (("-o", "x", "--threads", "2"), "--engine ray: --threads (use --threads-per-actor) only with --engine local"),
+    (("-o", "s3://bucket/scores"), "--output s3://bucket/scores: --engine ray writes to a local folder"),
     (("-o", "x", "--ray-address", "ray://head:10001"), "--ray-address ray://head:10001: Ray Client (ray://) cannot "
                                                         "run a Ray Data job"),
 ])
