@@ -25,7 +25,7 @@ import pyarrow as pa
 
 from xray.common.errors import EXIT_FAILURE, EXIT_OK, XrayError
 
-from .model import ENV_VAR, FILES, choose_model, open_model
+from .model import ENV_VAR, FILES, open_model
 from .ray_inputs import list_inputs
 from .ray_parts import PartWriter, lock_output, prepare_output, row_schema
 
@@ -79,17 +79,14 @@ def import_ray():
     return ray
 
 
-def model_files(model_path: str | None, precision: str) -> tuple[dict[str, bytes], str | None]:
+def model_files(model_path: str | None, opened: Path) -> tuple[dict[str, bytes], str | None]:
     """The model file(s) to ship to the actors: ({name: bytes}, the file to open, or None for the export folder,
-    so each actor picks int8 or fp32 for its own node's CPU)."""
-    from .registry import fetch_registered, is_registry_uri
-
+    so each actor picks int8 or fp32 for its own node's CPU). opened: the model the driver opened (a registered
+    model is fetched once, there)."""
     given = model_path or os.environ.get(ENV_VAR)
-    if is_registry_uri(given):
-        given = str(fetch_registered(given))
     if given and Path(given).is_file():
-        return {Path(given).name: Path(given).read_bytes()}, Path(given).name
-    folder = Path(given) if given else choose_model(None, precision=precision).path.parent
+        return {opened.name: opened.read_bytes()}, opened.name
+    folder = opened.parent
     return {name: (folder / name).read_bytes() for name in FILES.values() if (folder / name).is_file()}, None
 
 
@@ -109,7 +106,7 @@ def run(o: Options) -> int:
     out = Path(o.output)
     info = model.info
     schema = row_schema(info.classes)
-    files, model_file = model_files(o.model_path, o.precision)
+    files, model_file = model_files(o.model_path, model.path)
     start_ray(ray, o)  # before the output folder is touched: a wrong address leaves nothing behind
     writer, tally = PartWriter(out, schema, o.part_rows), Tally()
     started = time.monotonic()

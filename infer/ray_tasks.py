@@ -20,7 +20,7 @@ import pyarrow as pa
 from xray.common.errors import one_line
 
 from .formats import OOD_LABEL
-from .model import cpu_count, open_model
+from .model import open_model
 from .predict import ImageFailure, prepare_or_error
 from .ray_inputs import is_uri
 from .ray_parts import prob_column, resume_key, row_schema
@@ -80,7 +80,7 @@ class Scorer:
         # 0: as many threads as the node has CPUs for Ray (which follows a container's CPU limit; the machine's core
         # count may not)
         threads = threads or max(1, int(next((n["Resources"].get("CPU", 0) for n in ray.nodes()
-                                              if n["NodeID"] == node_id), 0)) or cpu_count())
+                                              if n["NodeID"] == node_id), 0)))
         files = ray.get(model_files[0])  # {file name: bytes}: the driver's export, shipped once per actor
         folder = Path(tempfile.mkdtemp(prefix="xray-ray-model-"))
         try:
@@ -95,6 +95,7 @@ class Scorer:
         self.batch_size, self.max_pixels, self.resume_by = batch_size, max_pixels, resume_by
         self.done = ray.get(done[0]) if done else set()  # the resume keys (a list: Ray passes the reference as is)
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="xray-decode")
+        self.schema = row_schema(self.classes)
         self.constants = {"model_name": info.model_name, "checkpoint_sha256": info.checkpoint_sha256,
                           "precision": info.precision, "node_id": node_id}
 
@@ -144,4 +145,4 @@ class Scorer:
         for r in rows:
             r.pop("array", None)
             r.update(self.constants)
-        return pa.Table.from_pylist(rows, schema=row_schema(self.classes))
+        return pa.Table.from_pylist(rows, schema=self.schema)
